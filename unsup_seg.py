@@ -1,0 +1,451 @@
+"""Fully unsupervised semantic segmentation with a Leopart backbone: CBFE + community detection (paper Sec. 3.2).
+
+The pipeline of the original `experiments/fully_unsup_seg/fully_unsup_seg.py` (SPEC 6.d), in one run:
+
+1. Spatial tokens (and last-block CLS attention) of the backbone for the train and val splits; standardisation and
+   PCA-50 fitted on train+val together.
+2. Cluster-based foreground extraction (CBFE, paper 3.2.1): spherical k-means (K=200) of all tokens; a noisy
+   foreground hint from the CLS attention (`leopart_core.foreground_mask`, 60% of the mass) of the same backbone or
+   of a second checkpoint; per-cluster precision against the hint; a precision threshold c; clusters with precision
+   >= c are foreground.
+3. k-means (K=149) of the foreground pixels only, background = label K (Table 5 "+CBFE" uses K = #classes - 1).
+4. Community detection (CD, paper 3.2.2): a co-occurrence network of the K+1 labels over the 16 neighbourhood
+   offsets, edges min(P(j|i), P(i|j)) above a weight threshold, Infomap communities, clusters merged to
+   communities, Hungarian mIoU averaged over the Infomap runs.
+
+Reported: the K=#classes baseline without CBFE/CD, CBFE-only, CBFE+CD, the supervised many-to-one upper bound,
+foreground Jaccard and boundary F1 (correct and paper-compatible, SPEC 6.e), for the CBFE masks and for the hint.
+Written to --output-dir: results.json, network.json (nodes, edges, communities) and one PNG panel per val image
+(image | cluster map | foreground mask | final segmentation; the paper's Figures 3 and 4).
+
+Where the original code and the paper disagree this follows the code (SPEC 8, items 9-12), with flags for the
+paper's variant where it is cheap: `--fg-threshold` (the code picks the CBFE threshold with train labels;
+`label-free` uses none) and `--graph-splits` (the code builds the network on train+val, the paper on train).
+"""
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import infomap
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy.spatial import cKDTree
+
+from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_dataset
+from eval_cluster import compute_miou, extract_features, kmeans, overcluster, pca, standardize
+from leopart_core import foreground_mask, load_backbone
+
+IGNORE_INDEX = 255
+
+# (d_row, d_col) pairs that skimage.feature.greycomatrix visits for distances [1, 2] and the original's angles
+# [0, pi/4, pi/2, 3pi/4, pi, 4pi/3, 3pi/2, 7pi/4] (SPEC 6.d step 10, golden 5a). 4pi/3 (presumably meant as 5pi/4)
+# gives the knight move (-2, -1) at distance 2, and the diagonals repeat at distance 2: kept, the published numbers
+# were made with them.
+CO_OCCURRENCE_OFFSETS = (
+    (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1), (-1, 0), (-1, 1),
+    (0, 2), (1, 1), (2, 0), (1, -1), (0, -2), (-2, -1), (-2, 0), (-1, 1),
+)
+
+# The CBFE threshold is the best cut's precision rounded to this grid (SPEC 6.d step 6.4). Kept as numpy's
+# arange values (0.15000000000000002, ...), which decide ties of `precision >= threshold` exactly as the original.
+THRESHOLD_GRID = np.arange(0, 1, 0.05)
+
+# OpenCV's chain-code directions (0 = east, then counter-clockwise with y pointing down).
+_CHAIN_DX = (1, 1, 0, -1, -1, -1, 0, 1)
+_CHAIN_DY = (0, -1, -1, -1, 0, 1, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small map helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def resize_nearest(maps, size):
+    """Nearest resize of label maps (N, H, W) -> (N, size, size), same dtype.
+
+    PyTorch's legacy nearest (source index floor(dst * in / out)), the rule of every resize in the original
+    pipeline (SPEC 6, common preprocessing). Label values must be exact in float32 (< 2**24).
+    """
+    maps = torch.as_tensor(maps)
+    if maps.dim() != 3:
+        raise ValueError(f"expected label maps of shape (N, H, W), got {tuple(maps.shape)}")
+    if tuple(maps.shape[1:]) == (size, size):
+        return maps
+    resized = F.interpolate(maps[:, None].float(), size=(size, size), mode="nearest")[:, 0]
+    return resized.to(maps.dtype)
+
+
+def has_labels(masks):
+    """True when a split's ground truth holds any labelled pixel (masks (N, H, W), 255 = ignore)."""
+    return bool((torch.as_tensor(masks) != IGNORE_INDEX).any())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cluster-based foreground extraction (paper 3.2.1; SPEC 6.d steps 5-7; golden 5b)
+# ----------------------------------------------------------------------------------------------------------------
+
+def cluster_precisions(cluster_maps, fg_hint, num_clusters):
+    """Precision of each cluster against the noisy foreground hint, averaged over the images where it occurs.
+
+    cluster_maps (N, H, W) ids in [0, num_clusters); fg_hint (N, H, W) 0/1 -> (num_clusters,) float64. Per image
+    and present cluster, prec = |cluster & hint| / |cluster|; the mean is over images, not pooled over pixels
+    (`get_cluster_precs`, SPEC 6.d step 5). A cluster that occurs in no image gets NaN (the original asserts that
+    every cluster occurs).
+    """
+    maps = torch.as_tensor(cluster_maps).long().flatten(1)
+    hint = torch.as_tensor(fg_hint).flatten(1)
+    if maps.shape != hint.shape:
+        raise ValueError(f"cluster maps {tuple(maps.shape)} and foreground hint {tuple(hint.shape)} differ in shape")
+    _check_ids(maps, num_clusters, "cluster maps")
+    n = maps.shape[0]
+    index = (maps + num_clusters * torch.arange(n)[:, None]).flatten()
+    count = torch.bincount(index, minlength=n * num_clusters).reshape(n, num_clusters).double()
+    hits = torch.bincount(index, weights=(hint == 1).flatten().double(), minlength=n * num_clusters)
+    precision = hits.reshape(n, num_clusters) / count.clamp(min=1)
+    present = (count > 0).double()
+    with np.errstate(invalid="ignore"):
+        return ((precision * present).sum(0) / present.sum(0)).numpy()
+
+
+def eval_jac(gt, pred_fg, with_boundary=True):
+    """Foreground Jaccard averaged over images (`eval_jac`, SPEC 6.e, 10.8).
+
+    gt (N, H, W) labels (0 = background, 255 = void); pred_fg (N, H, W) 0/1. GT foreground is gt != 0, void
+    included, when with_boundary (the Table 7 protocol); otherwise void is background. An image whose GT and
+    prediction are both empty gives NaN, as in the original.
+    """
+    gt = torch.as_tensor(gt)
+    pred = torch.as_tensor(pred_fg) != 0
+    if gt.shape != pred.shape:
+        raise ValueError(f"ground truth {tuple(gt.shape)} and prediction {tuple(pred.shape)} differ in shape")
+    gt_fg = gt != 0
+    if not with_boundary:
+        gt_fg &= gt != IGNORE_INDEX
+    intersection = (gt_fg & pred).flatten(1).sum(1).double()
+    union = (gt_fg | pred).flatten(1).sum(1).double()
+    return (intersection / union).mean().item()
+
+
+def threshold_candidates(cluster_maps, target, precisions, low=0.55, high=0.75):
+    """The original's search for the CBFE cut (`find_good_threshold`, SPEC 6.d step 6).
+
+    cluster_maps (N, H, W); target (N, H, W) labels scored by `eval_jac` (the train GT in the paper protocol, the
+    0/1 hint itself label-free); precisions (K,). For start in [int(low*K), int(high*K)) the clusters at ascending
+    precision ranks >= start are foreground. Returns [(precision at the cut, start, jaccard)] sorted by jaccard
+    ascending (stable), so the last row is the best cut. Clusters with NaN precision (absent) never count.
+    """
+    precisions = np.asarray(precisions, dtype=np.float64)
+    order = np.argsort(precisions)  # the original's call: its tie order decides equal-precision clusters
+    order = order[~np.isnan(precisions[order])]
+    sorted_precs = precisions[order]
+    k = len(order)
+    starts = range(int(low * k), int(high * k))
+    if len(starts) == 0:
+        raise ValueError(f"{k} clusters are too few to search a foreground cut between {low:.0%} and {high:.0%} "
+                         "of them; use a larger --k-fg-extraction")
+    maps = torch.as_tensor(cluster_maps).long()
+    rows = []
+    for start in starts:
+        is_fg = torch.zeros(len(precisions), dtype=torch.bool)
+        is_fg[torch.as_tensor(order[start:])] = True
+        rows.append((float(sorted_precs[start]), start, eval_jac(target, is_fg[maps])))
+    return sorted(rows, key=lambda row: row[2])
+
+
+def round_threshold(precision):
+    """The value of THRESHOLD_GRID closest to `precision` (first on ties), as the original rounds c."""
+    return float(min(THRESHOLD_GRID, key=lambda x: abs(x - precision)))
+
+
+def foreground_cluster_ids(precisions, threshold):
+    """Ids (ascending) of the clusters whose precision is >= threshold (SPEC 6.d step 7); NaN never passes."""
+    precisions = np.asarray(precisions, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.nonzero(precisions >= threshold)[0]
+
+
+def ids_to_mask(cluster_maps, ids, num_clusters):
+    """0/1 uint8 maps (N, H, W): 1 where the cluster id is in `ids`."""
+    lookup = torch.zeros(num_clusters, dtype=torch.uint8)
+    lookup[torch.as_tensor(np.asarray(ids), dtype=torch.long)] = 1
+    return lookup[torch.as_tensor(cluster_maps).long()]
+
+
+def cluster_based_fg_extraction(clusters_train, hint_train, clusters_val, hint_val, num_clusters, target_train):
+    """CBFE (paper 3.2.1; `cluster_based_fg_extraction`, SPEC 6.d steps 5-7; golden 5b).
+
+    All maps at the evaluation size: clusters_* (N, H, W) ids in [0, num_clusters); hint_* (N, H, W) 0/1;
+    target_train (N_train, H, W) labels that score the candidate cuts (train GT for the paper's rule, hint_train
+    for the label-free rule). Precisions are recomputed on val and the train threshold applied (no val labels).
+    Returns dict: precs_train, precs_val (K,), candidates [(prec, start, jaccard)], threshold (float),
+    fg_ids_train, fg_ids_val (ascending ids), fg_mask_train, fg_mask_val (N, H, W) uint8.
+    Raises ValueError when no cluster reaches the threshold (the original hit an IndexError there).
+    """
+    for split, hint in (("train", hint_train), ("val", hint_val)):
+        if not bool((torch.as_tensor(hint) == 1).any()):
+            raise ValueError(f"no foreground found: the attention foreground hint of the {split} split is empty, so no "
+                             "cluster can be ranked; check the attention checkpoint (--attention-pretrained)")
+    precs_train = cluster_precisions(clusters_train, hint_train, num_clusters)
+    candidates = threshold_candidates(clusters_train, target_train, precs_train)
+    threshold = round_threshold(candidates[-1][0])
+    precs_val = cluster_precisions(clusters_val, hint_val, num_clusters)
+    result = dict(precs_train=precs_train, precs_val=precs_val, candidates=candidates, threshold=threshold)
+    for split, precs, maps, hint in (("train", precs_train, clusters_train, hint_train),
+                                     ("val", precs_val, clusters_val, hint_val)):
+        ids = foreground_cluster_ids(precs, threshold)
+        if len(ids) == 0:
+            raise ValueError(
+                f"no foreground found on the {split} split: no cluster has a foreground-hint precision >= "
+                f"{threshold:.2f} (highest {np.nanmax(precs):.3f}; the hint marks "
+                f"{float(torch.as_tensor(hint).float().mean()):.1%} of the pixels). Check the attention checkpoint "
+                "(--attention-pretrained) or use a larger --k-fg-extraction")
+        result[f"fg_ids_{split}"] = ids
+        result[f"fg_mask_{split}"] = ids_to_mask(maps, ids, num_clusters)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Community detection (paper 3.2.2; SPEC 6.d steps 10-13; golden 5a, 5c)
+# ----------------------------------------------------------------------------------------------------------------
+
+def co_occurrence_matrix(cluster_maps, num_clusters, offsets=CO_OCCURRENCE_OFFSETS, chunk=128):
+    """Conditional co-occurrence P(j|i) of cluster ids over a local neighbourhood (`create_matrix`, SPEC 6.d step 10).
+
+    cluster_maps (N, H, W) ids in [0, num_clusters) -> (num_clusters, num_clusters) float64. Per image: count the
+    pairs (pixel with id i, pixel at offset with id j) over `offsets` (partners outside the image are skipped, no
+    symmetrisation), zero the diagonal, divide each row by its sum (empty rows stay 0). P(j|i) is the sum of the
+    normalised rows over images divided by the number of images where row i is non-empty; NaN for an id that never
+    has a neighbour. One bincount over (image, i, j) per offset replaces skimage's greycomatrix.
+    """
+    maps = torch.as_tensor(cluster_maps).long()
+    if maps.dim() != 3:
+        raise ValueError(f"expected cluster maps of shape (N, H, W), got {tuple(maps.shape)}")
+    _check_ids(maps, num_clusters, "cluster maps")
+    n_images, height, width = maps.shape
+    k = num_clusters
+    accumulated = torch.zeros(k, k, dtype=torch.float64)
+    appear = torch.zeros(k, dtype=torch.float64)
+    for first in range(0, n_images, chunk):
+        block = maps[first:first + chunk]
+        n = block.shape[0]
+        image_base = (torch.arange(n) * k * k)[:, None, None]
+        counts = torch.zeros(n * k * k, dtype=torch.long)
+        for d_row, d_col in offsets:
+            rows = slice(max(0, -d_row), height - max(0, d_row))
+            cols = slice(max(0, -d_col), width - max(0, d_col))
+            shifted_rows = slice(rows.start + d_row, rows.stop + d_row)
+            shifted_cols = slice(cols.start + d_col, cols.stop + d_col)
+            pairs = image_base + block[:, rows, cols] * k + block[:, shifted_rows, shifted_cols]
+            counts += torch.bincount(pairs.flatten(), minlength=n * k * k)
+        counts = counts.reshape(n, k, k).double()
+        counts.diagonal(dim1=1, dim2=2).zero_()
+        row_sum = counts.sum(2, keepdim=True)
+        accumulated += torch.where(row_sum > 0, counts / row_sum.clamp(min=1), 0.0).sum(0)
+        appear += (row_sum[..., 0] > 0).double().sum(0)
+    return (accumulated / appear[:, None]).numpy()
+
+
+def community_edges(matrix, weight_threshold):
+    """Undirected edges (i, j, w) for i <= j with w = min(P(j|i), P(i|j)), kept iff both are >= weight_threshold.
+
+    matrix (K, K) from `co_occurrence_matrix`. Row-major (i, j) order as the original (SPEC 6.d step 11); the zero
+    diagonal and NaN rows never pass.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        keep = np.triu((matrix >= weight_threshold) & (matrix.T >= weight_threshold))
+    weights = np.minimum(matrix, matrix.T)
+    return [(int(i), int(j), float(weights[i, j])) for i, j in zip(*np.nonzero(keep))]
+
+
+def detect_communities(edges, num_nodes, markov_time, num_modules, seed):
+    """Two-level undirected Infomap on `edges` (SPEC 6.d step 12) -> (communities (num_nodes,) int64, codelength).
+
+    communities[i] is the 1-based module of cluster i, or -1 when i is in no edge. `num_modules` is Infomap's
+    preferred number of modules (the number of object classes, 20 on VOC). infomap >= 2.16 rejects seed 0, so
+    callers use seeds 1..num_runs where the original used 0..num_runs-1 (infomap 2.2.0); the deprecated legacy
+    calls below are the ones that both versions accept.
+    """
+    communities = np.full(num_nodes, -1, dtype=np.int64)
+    if not edges:
+        return communities, float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        im = infomap.Infomap(directed=False, two_level=True, seed=seed, markov_time=markov_time, silent=True,
+                             preferred_number_of_modules=num_modules)
+        im.add_links(edges)
+        im.run()
+        for node in im.tree:
+            if node.is_leaf:
+                communities[node.node_id] = node.module_id
+        codelength = float(im.codelength)
+    return communities, codelength
+
+
+def merge_clusters(cluster_maps, communities):
+    """Replace each cluster id by its community (SPEC 6.d step 13); clusters in no edge (-1) become 0."""
+    lookup = torch.as_tensor(np.maximum(np.asarray(communities), 0), dtype=torch.long)
+    return lookup[torch.as_tensor(cluster_maps).long()]
+
+
+def evaluate_communities(gt, merged, num_classes):
+    """Hungarian mIoU of merged maps per Infomap run, and the mean (SPEC 6.d step 13).
+
+    gt (N, H, W) labels with 255 = void (excluded); merged (R, N, H, W) community ids, 0 for clusters outside the
+    graph. The original asserted at most num_classes ids; here more ids are evaluated all the same (Hungarian
+    matching leaves the extra ones unmatched, i.e. background) and reported in `warnings`.
+    Returns dict: miou (mean over runs), miou_per_run, runs [dict(miou, tp, fp, fn, num_ids, reordered)], warnings.
+    """
+    gt = torch.as_tensor(gt)
+    valid = gt != IGNORE_INDEX
+    runs, notes = [], []
+    for run, maps in enumerate(torch.as_tensor(merged)):
+        pred = maps[valid]
+        num_ids = len(pred.unique())
+        num_pred = max(num_classes, int(pred.max()) + 1 if pred.numel() else 0)
+        if num_ids > num_classes:
+            notes.append(f"run {run}: more communities than classes ({num_ids} ids incl. 0 for {num_classes} "
+                         "classes); the extra communities stay unmatched (background) in the Hungarian matching")
+        result = compute_miou(gt[valid].numpy(), pred.numpy(), num_classes, num_pred, "hungarian")
+        runs.append(dict(result, num_ids=num_ids))
+    per_run = [float(r["miou"]) for r in runs]
+    return dict(miou=float(np.mean(per_run)), miou_per_run=per_run, runs=runs, warnings=notes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Boundary F1 (SPEC 6.e, 10.10; golden 6), without OpenCV
+# ----------------------------------------------------------------------------------------------------------------
+
+def contour_points(mask):
+    """All points of all contours of a binary mask, as `cv2.findContours(mask, RETR_LIST, CHAIN_APPROX_NONE)`.
+
+    mask (H, W), nonzero = object -> (M, 2) int64 (x = column, y = row), contours concatenated in OpenCV's output
+    order. Suzuki-Abe border following of 8-connected objects (outer borders and hole borders) on the mask padded
+    with a zero frame, so object pixels on the image edge are border points. Points are repeated where a border
+    passes a pixel more than once, as in OpenCV; the pooled multiset is what bfscore counts.
+    """
+    mask = np.asarray(mask) != 0
+    height, width = mask.shape
+    step = width + 2
+    padded = np.zeros((height + 2, step), dtype=np.int8)
+    padded[1:-1, 1:-1] = mask
+    # A border starts where a row changes value; zeros never change while tracing, so scanning these candidates in
+    # raster order with the current labels equals OpenCV's full raster scan.
+    inside, left = padded[1:-1, 1:-1], padded[1:-1, :-2]
+    ys, xs = np.nonzero(inside != left)
+    labels = padded.ravel().tolist()
+    deltas = [_CHAIN_DX[s] + _CHAIN_DY[s] * step for s in range(8)] * 2
+    contours = []
+    for y, x in zip(ys.tolist(), xs.tolist()):
+        position = (y + 1) * step + x + 1
+        value, previous = labels[position], labels[position - 1]
+        if value == 1 and previous == 0:
+            contours.append(_follow_border(labels, position, False, deltas))
+        elif value == 0 and previous >= 1:
+            contours.append(_follow_border(labels, position - 1, True, deltas))
+    if not contours:
+        return np.zeros((0, 2), dtype=np.int64)
+    flat = np.concatenate([np.asarray(c, dtype=np.int64) for c in reversed(contours)])  # RETR_LIST order
+    return np.stack([flat % step - 1, flat // step - 1], axis=1)
+
+
+def _follow_border(labels, start, is_hole, deltas):
+    """Trace one border from `start` (flat index into the padded label list); returns its flat point indices.
+
+    Suzuki-Abe step 3 as OpenCV's icvFetchContourEx: 1 = unvisited object pixel, 2 = visited, -2 = visited with
+    a background pixel examined to its right (such a pixel never starts a hole border).
+    """
+    s_end = 0 if is_hole else 4
+    s = s_end
+    while True:  # clockwise search for the first object neighbour
+        s = (s - 1) & 7
+        first = start + deltas[s]
+        if labels[first] != 0 or s == s_end:
+            break
+    if labels[first] == 0:  # a single-pixel object
+        labels[start] = -2
+        return [start]
+    points = []
+    current = start
+    while True:
+        s_end = s
+        while s < 15:  # counter-clockwise search from the direction after the one we came from
+            s += 1
+            following = current + deltas[s]
+            if labels[following] != 0:
+                break
+        s &= 7
+        if 1 <= s <= s_end:
+            labels[current] = -2
+        elif labels[current] == 1:
+            labels[current] = 2
+        points.append(current)
+        if following == start and current == first:
+            return points
+        current = following
+        s = (s + 4) & 7
+
+
+def _match_fraction(reference, query, threshold):
+    """Fraction of `query` points with a `reference` point at squared distance < threshold**2 (exact integers)."""
+    _, nearest = cKDTree(reference).query(query)
+    squared = ((query - reference[nearest]) ** 2).sum(1)
+    return float(np.mean(squared < threshold * threshold))
+
+
+def bfscore(gt, pred, threshold=2):
+    """Boundary F1 per class 1..max label of two label maps (`bfscore.py::bfscore`, SPEC 6.e step 4).
+
+    gt, pred (H, W) integer maps -> (max_label,) float64, entry c-1 for class c. Contours of (map == c) as
+    `contour_points`; precision = fraction of predicted contour points within distance < threshold of a GT contour
+    point, recall the reverse, F1 = 2PR/(P+R). NaN for a class absent from either map (the original returns NaN for
+    the whole image when a class is only predicted, and raises IndexError when it is only in the GT) and when
+    P + R = 0.
+    """
+    gt, pred = np.asarray(gt), np.asarray(pred)
+    if gt.shape != pred.shape:
+        raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} differ in shape")
+    num_classes = int(max(gt.max(), pred.max()))
+    scores = np.full(num_classes, np.nan)
+    for c in range(1, num_classes + 1):
+        gt_points, pred_points = contour_points(gt == c), contour_points(pred == c)
+        if len(gt_points) == 0 or len(pred_points) == 0:
+            continue
+        precision = _match_fraction(gt_points, pred_points, threshold)
+        recall = _match_fraction(pred_points, gt_points, threshold)
+        if precision + recall > 0:
+            scores[c - 1] = 2 * precision * recall / (precision + recall)
+    return scores
+
+
+def boundary_f1(gt, pred_fg, threshold=16, paper_compatible=False):
+    """Mean boundary F1 of binary foreground predictions (`eval_bf.py::evaluate_bf_score`, SPEC 6.e; golden 6b).
+
+    gt (N, H, W) labels; pred_fg (N, H, W) 0/1 at the same size -> (per-image scores (N,) float64, nanmean).
+    A prediction holding a single value (empty or full) scores 0. The GT boundary is that of the foreground
+    gt != 0 (void counted as foreground, as the Table 7 Jaccard); paper_compatible=True instead passes the
+    background gt == 0 as the GT mask, as the published B-F1 numbers did (SPEC 8 item 12), which adds the image
+    frame to the GT contour wherever the background touches it.
+    """
+    gt, pred_fg = np.asarray(gt), np.asarray(pred_fg)
+    if gt.shape != pred_fg.shape:
+        raise ValueError(f"ground truth {gt.shape} and prediction {pred_fg.shape} differ in shape")
+    scores = np.zeros(len(gt))
+    for i, (labels, pred) in enumerate(zip(gt, pred_fg)):
+        pred = (pred != 0).astype(np.uint8)
+        if pred.min() == pred.max():
+            continue
+        gt_mask = (labels == 0) if paper_compatible else (labels != 0)
+        scores[i] = bfscore(gt_mask.astype(np.uint8), pred, threshold)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: reported as NaN
+        return scores, float(np.nanmean(scores))
+
+
+def _check_ids(maps, num_clusters, what):
+    if maps.numel() and (int(maps.min()) < 0 or int(maps.max()) >= num_clusters):
+        raise ValueError(f"{what} hold ids in [{int(maps.min())}, {int(maps.max())}], expected [0, {num_clusters})")
