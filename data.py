@@ -1,0 +1,881 @@
+"""Data for Leopart: multi-crop views with their overlap boxes (SPEC 1), the paper's data sets (SPEC 7), the
+evaluation transforms (SPEC 6, 6.a) and a built-in synthetic data set of objects made of parts.
+
+Run `python data.py --help` to measure the multi-crop pipeline's throughput or to preview the synthetic set.
+"""
+import argparse
+import json
+import math
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter
+from torch.utils.data import Dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGENET100_FILE = Path(__file__).resolve().parent / "imagenet100.txt"
+
+VOC_LAYOUT = (
+    "either the original code's layout (SPEC 7) <root>/VOCSegmentation/{images/<id>.jpg, SegmentationClass/<id>.png, "
+    "SegmentationClassAug/<id>.png, sets/{train,trainaug,val}.txt} (or <root> being that VOCSegmentation folder), "
+    "or the official layout <root>/VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png, "
+    "SegmentationClassAug/<id>.png (trainaug only), ImageSets/Segmentation/{train,trainaug,val}.txt} "
+    "(or <root> being VOCdevkit or VOC2012)")
+COCO_LAYOUT = (
+    "images in <root>/coco/images/{train2017,val2017}/<id>.jpg (or <root>/images/<split>2017, <root>/<split>2017); "
+    "COCO-Stuff: <root>/annotations/annotations/stuff_annotations/{stuff_val2017.json, "
+    "stuff_{train,val}2017_pixelmaps/<id>.png} (or <root>/annotations/stuff_annotations/...); "
+    "COCO-Thing: <root>/annotations/panoptic_annotations/{panoptic_val2017.json, "
+    "semantic_segmentation_{train,val}2017/<id>.png}")
+FOLDER_LAYOUT = "<root>/images/<name>.jpg (or .png), <root>/labels/<name>.png, <root>/<split>.txt (one name a line)"
+IMAGENET100_LAYOUT = "<root>/train/<wnid>/*.JPEG (or <root>/<wnid>/*.JPEG) for the 100 wnids of imagenet100.txt"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Multi-crop views (SPEC 1)
+# ------------------------------------------------------------------------------------------------------------------
+
+def intersection_boxes(abs_boxes, sizes, num_global):
+    """Pairwise intersections of the global crops with every crop, in the crops' resized frames (SPEC 1.4).
+
+    abs_boxes: (V, 4) crop boxes (x1, y1, x2, y2) in original-image pixels, globals first. sizes: V output sizes
+    (the side of each resized square crop). Returns `gc` (G, V, 4), the intersection of global g and crop v in
+    global g's frame, and `all` (V, G, 4), the same region in crop v's frame, both float32 in pixel-edge units
+    (0..size). The arithmetic `(p - x1) / w * size` is in the original's order, which reproduces its float32
+    boxes bit for bit. Raises ValueError when a global crop does not intersect some crop (the loss needs every box).
+    """
+    boxes = torch.as_tensor(abs_boxes, dtype=torch.float32)
+    sizes = torch.as_tensor(sizes, dtype=torch.float32)
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or sizes.shape != (boxes.shape[0],):
+        raise ValueError(f"expected abs_boxes (V, 4) and V sizes, got {tuple(boxes.shape)} and {tuple(sizes.shape)}")
+    xy1, xy2 = boxes[:, :2], boxes[:, 2:]
+    wh = xy2 - xy1
+    lt = torch.max(xy1[:num_global, None], xy1[None])  # (G, V, 2)
+    rb = torch.min(xy2[:num_global, None], xy2[None])
+    if not bool(torch.all(rb - lt > 0)):
+        raise ValueError(f"every global crop must intersect every crop; boxes {boxes.tolist()}")
+    gx1, gwh, gsize = xy1[:num_global, None], wh[:num_global, None], sizes[:num_global, None, None]
+    gc = torch.cat([(lt - gx1) / gwh * gsize, (rb - gx1) / gwh * gsize], dim=-1)
+    lt, rb = lt.transpose(0, 1), rb.transpose(0, 1)  # (V, G, 2)
+    vx1, vwh, vsize = xy1[:, None], wh[:, None], sizes[:, None, None]
+    all_ = torch.cat([(lt - vx1) / vwh * vsize, (rb - vx1) / vwh * vsize], dim=-1)
+    return gc, all_
+
+
+def box_overlap_areas(box, others):
+    """Intersection areas (N,) of one box (4,) (x1, y1, x2, y2) with N boxes (N, 4), zero where disjoint."""
+    lt = torch.max(box[:2], others[:, :2])
+    rb = torch.min(box[2:], others[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    return wh[:, 0] * wh[:, 1]
+
+
+class PILGaussianBlur:
+    """PIL's GaussianBlur with radius sigma ~ U[sigma_min, sigma_max] from Python's `random` (SPEC 1.2): the
+    original uses PIL's box approximation, not torchvision's kernel, and Python's RNG, not torch's."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.sigma[0], self.sigma[1])))
+
+
+class MultiCropTransform:
+    """Leopart's multi-crop views of one PIL image and their pairwise overlap boxes (SPEC 1).
+
+    `__call__(pil_image) -> (crops, boxes)`: crops is a list of V = num_global + num_local tensors (3, s, s),
+    globals first; boxes is `{"gc": (G, V, 4), "all": (V, G, 4)}` float32 from `intersection_boxes` (SPEC 1.4).
+
+    Crop sampling (SPEC 1.1, 1.3): `RandomResizedCrop.get_params` (area scale, aspect ratio 3/4..4/3 log-uniform).
+    Crop 0 is kept as drawn; a later crop is redrawn until its intersection with every global crop drawn so far is
+    strictly greater than int(W*H*min_intersection), doubled for the global crops. Crops are drawn in order and each
+    gets its photometric augmentation before the next is drawn, so with the same torch/Python seeds the boxes are
+    the original code's.
+
+    The original redraws forever, which never ends on an image too small or too thin for the threshold. Here at
+    most `max_attempts` draws are made per crop; then a defined fallback box is used: for a global crop, the box
+    of global crop 0; for a local crop, the intersection of all global crops (or crop 0's box when that is empty).
+    The fallback keeps every global-vs-crop intersection non-empty, so the boxes stay valid for the loss, but it
+    need not meet the overlap threshold.
+
+    Photometric augmentation per crop (SPEC 1.2): ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p=0.8, grayscale
+    p=0.2, PIL Gaussian blur sigma ~ U[0.1b, 2b] with p=0.5, ToTensor, ImageNet Normalize; no flips.
+    `photometric=False` returns the plain `ToTensor` of each crop (any PIL mode, e.g. a float 'F' image) and draws
+    no photometric random numbers: for geometry checks and visualisation.
+    """
+
+    def __init__(self, global_size=224, local_size=96, num_global=2, num_local=4, global_scale=(0.25, 1.0),
+                 local_scale=(0.05, 0.25), min_intersection=0.01, jitter_strength=1.0, blur_strength=1.0,
+                 max_attempts=100, photometric=True):
+        if num_global < 1 or num_local < 0:
+            raise ValueError(f"need num_global >= 1 and num_local >= 0, got {num_global}, {num_local}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        self.num_global, self.num_local = num_global, num_local
+        self.sizes = [global_size] * num_global + [local_size] * num_local
+        self.scales = [tuple(global_scale)] * num_global + [tuple(local_scale)] * num_local
+        self.ratio = (3.0 / 4.0, 4.0 / 3.0)
+        self.min_intersection = min_intersection
+        self.max_attempts = max_attempts
+        self.photometric = photometric
+        s, b = jitter_strength, blur_strength
+        self.color_transform = T.Compose([
+            T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([PILGaussianBlur((0.1 * b, 2.0 * b))], p=0.5),
+        ])
+        self.final_transform = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def sample_box(self, i, img, boxes):
+        """Box (4,) float32 (x1, y1, x2, y2) in pixels for crop i of `img`, given the earlier boxes (i, 4) (SPEC 1.3)."""
+        width, height = img.size
+        y1, x1, h, w = T.RandomResizedCrop.get_params(img, self.scales[i], self.ratio)
+        box = torch.tensor([x1, y1, x1 + w, y1 + h], dtype=torch.float32)
+        if i == 0:
+            return box
+        globals_so_far = boxes[:min(i, self.num_global)]
+        threshold = int(width * height * self.min_intersection)
+        if i < self.num_global:
+            threshold *= 2  # the global crops must overlap each other twice as much
+        for _ in range(self.max_attempts - 1):
+            if bool(torch.all(box_overlap_areas(box, globals_so_far) > threshold)):
+                return box
+            y1, x1, h, w = T.RandomResizedCrop.get_params(img, self.scales[i], self.ratio)
+            box = torch.tensor([x1, y1, x1 + w, y1 + h], dtype=torch.float32)
+        if bool(torch.all(box_overlap_areas(box, globals_so_far) > threshold)):
+            return box
+        return self.fallback_box(i, boxes)
+
+    def fallback_box(self, i, boxes):
+        """The box used when `max_attempts` draws all miss the overlap threshold (see the class docstring)."""
+        if i < self.num_global:
+            return boxes[0].clone()
+        g = boxes[:self.num_global]
+        inter = torch.cat([g[:, :2].max(0).values, g[:, 2:].min(0).values])
+        return inter if bool(torch.all(inter[2:] > inter[:2])) else boxes[0].clone()
+
+    def __call__(self, img):
+        boxes = torch.zeros(len(self.sizes), 4)
+        crops = []
+        for i, size in enumerate(self.sizes):
+            boxes[i] = self.sample_box(i, img, boxes[:i])
+            x1, y1, x2, y2 = (int(v) for v in boxes[i].tolist())
+            crop = TF.resized_crop(img, y1, x1, y2 - y1, x2 - x1, [size, size], T.InterpolationMode.BILINEAR)
+            if self.photometric:
+                crops.append(self.final_transform(self.color_transform(crop)))
+            else:
+                crops.append(TF.to_tensor(crop))
+        gc, all_ = intersection_boxes(boxes, self.sizes, self.num_global)
+        return crops, {"gc": gc, "all": all_}
+
+
+def multicrop_collate(batch):
+    """Collate `(crops, boxes)` items, dropping None (unreadable images). Returns `(crops, boxes, num_skipped)`:
+    crops a list of V tensors (B, 3, s, s), boxes `{"gc": (B, G, V, 4), "all": (B, V, G, 4)}` (SPEC 1.4). When
+    every item was None, crops and boxes are None."""
+    kept = [item for item in batch if item is not None]
+    num_skipped = len(batch) - len(kept)
+    if not kept:
+        return None, None, num_skipped
+    crops = [torch.stack([item[0][v] for item in kept]) for v in range(len(kept[0][0]))]
+    boxes = {key: torch.stack([item[1][key] for item in kept]) for key in kept[0][1]}
+    return crops, boxes, num_skipped
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Evaluation and probe transforms (SPEC 6, 6.a)
+# ------------------------------------------------------------------------------------------------------------------
+
+def mask_to_tensor(mask):
+    """(S, S) int64 label tensor from a single-channel PIL mask (integer indices, never ToTensor()*255)."""
+    return torch.from_numpy(np.array(mask, dtype=np.int64))
+
+
+class EvalTransform:
+    """SPEC 6 common preprocessing: image resized to S x S bilinear (aspect ratio not kept), ToTensor, ImageNet
+    Normalize; mask resized to S x S nearest, as integer labels. `(pil_image, pil_mask) -> ((3,S,S) float32,
+    (S,S) int64)`."""
+
+    def __init__(self, size=448):
+        self.size = size
+        self.normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+    def __call__(self, img, mask):
+        img = TF.resize(img, [self.size, self.size], T.InterpolationMode.BILINEAR)
+        mask = TF.resize(mask, [self.size, self.size], T.InterpolationMode.NEAREST)
+        return self.normalize(TF.to_tensor(img)), mask_to_tensor(mask)
+
+
+class JointTrainTransform:
+    """SPEC 6.a probe-training augmentation, joint on image and mask: RandomResizedCrop(size, scale, ratio 3/4..4/3)
+    (image bilinear, mask nearest), horizontal flip p=0.5, ToTensor, Normalize. `(pil_image, pil_mask) ->
+    ((3,S,S) float32, (S,S) int64)`."""
+
+    def __init__(self, size=448, scale=(0.8, 1.0)):
+        self.size, self.scale = size, tuple(scale)
+        self.ratio = (3.0 / 4.0, 4.0 / 3.0)
+        self.normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+    def __call__(self, img, mask):
+        top, left, h, w = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+        size = [self.size, self.size]
+        img = TF.resized_crop(img, top, left, h, w, size, T.InterpolationMode.BILINEAR)
+        mask = TF.resized_crop(mask, top, left, h, w, size, T.InterpolationMode.NEAREST)
+        if torch.rand(1) < 0.5:
+            img, mask = TF.hflip(img), TF.hflip(mask)
+        return self.normalize(TF.to_tensor(img)), mask_to_tensor(mask)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reading files
+# ------------------------------------------------------------------------------------------------------------------
+
+def load_rgb(path):
+    """Decode an image file fully into an RGB PIL image; FileNotFoundError/ValueError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def read_mask(path, num_classes, lut=None):
+    """Label map (H, W) uint8 of a PNG mask read as integer indices (`np.array(Image.open(p))`, palette indices for
+    VOC), with 255 = ignore. `lut` (256,) int maps raw values to labels, -1 marking values that may not occur.
+    Raises ValueError naming the file and the offending values when a label is outside [0, num_classes) and not 255.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask file {path} does not exist")
+    try:
+        with Image.open(path) as m:
+            raw = np.array(m)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read mask {path}: {e}") from e
+    if raw.ndim != 2 or not np.issubdtype(raw.dtype, np.integer):
+        raise ValueError(f"mask {path} must be a single-channel integer (palette or greyscale) PNG, "
+                         f"got array {raw.shape} {raw.dtype}")
+    values = np.unique(raw)
+    if values[0] < 0 or values[-1] > 255:
+        bad = values[(values < 0) | (values > 255)]
+        raise ValueError(f"mask {path} has values outside 0..255: {bad.tolist()[:20]}")
+    if lut is not None:
+        bad = values[lut[values] < 0]
+        if bad.size:
+            raise ValueError(f"mask {path} has raw values {bad.tolist()[:20]} that are not categories of this data set")
+        return lut[raw].astype(np.uint8)
+    bad = values[(values >= num_classes) & (values != 255)]
+    if bad.size:
+        raise ValueError(f"mask {path} has labels {bad.tolist()[:20]} outside 0..{num_classes - 1} (255 = ignore)")
+    return raw.astype(np.uint8)
+
+
+def read_list(path, layout):
+    """Non-empty stripped lines of a split file; FileNotFoundError naming the expected layout when missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {path} does not exist; expected {layout}")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"split file {path} is empty")
+    return names
+
+
+def find_images(directory):
+    """Sorted image files (by extension, case-insensitive) anywhere under `directory`."""
+    return sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def first_existing(paths, what, layout):
+    """The first existing path of `paths`; FileNotFoundError naming the candidates and the layout otherwise."""
+    for p in paths:
+        if p.exists():
+            return p
+    raise FileNotFoundError(f"{what} not found (looked for {', '.join(str(p) for p in paths)}); expected {layout}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Unlabelled training sets: items are transform(pil_rgb_image)
+# ------------------------------------------------------------------------------------------------------------------
+
+class ImageFiles(Dataset):
+    """Unlabelled images from a list of files; item i is `transform(rgb_image)`. An unreadable image is skipped with
+    a warning naming it: the item is None, which `multicrop_collate` drops and counts."""
+
+    def __init__(self, files, transform=None):
+        self.files = [str(f) for f in files]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        try:
+            img = load_rgb(self.files[index])
+        except (FileNotFoundError, ValueError) as e:
+            warnings.warn(f"skipping unreadable training image: {e}")
+            return None
+        return self.transform(img) if self.transform is not None else img
+
+
+class ImageFolder(ImageFiles):
+    """Every image anywhere under `root` (any tree), unlabelled: for training on one's own photos."""
+
+    def __init__(self, root, transform=None):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} does not exist; expected a folder tree of images "
+                                    f"({', '.join(IMAGE_EXTENSIONS)})")
+        files = find_images(root)
+        if not files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) anywhere under {root}")
+        super().__init__(files, transform)
+
+
+class ImageNet100(ImageFiles):
+    """The ImageNet-100 training images (SPEC 7): `<root>/train/<wnid>/*.JPEG` for the 100 wnids of the CMC split,
+    kept in the repository as `imagenet100.txt`. Unlabelled (Leopart training)."""
+
+    def __init__(self, root, transform=None, class_file=IMAGENET100_FILE):
+        root = Path(root)
+        wnids = read_list(class_file, "100 ImageNet wnids, one a line")
+        train = root / "train" if (root / "train").is_dir() else root
+        if not train.is_dir():
+            raise FileNotFoundError(f"ImageNet-100 root {root} does not exist; expected {IMAGENET100_LAYOUT}")
+        missing = [w for w in wnids if not (train / w).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} ImageNet-100 class folders missing under {train} "
+                                    f"(e.g. {missing[:3]}); expected {IMAGENET100_LAYOUT}")
+        files = [p for w in wnids for p in find_images(train / w)]
+        if not files:
+            raise FileNotFoundError(f"no images in the ImageNet-100 class folders under {train}")
+        super().__init__(files, transform)
+        self.wnids = wnids
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Labelled sets: items are transform(pil_rgb_image, pil_mask) -> (image (3,S,S), mask (S,S) int64, 255 = ignore)
+# ------------------------------------------------------------------------------------------------------------------
+
+class SegmentationFiles(Dataset):
+    """Image/mask pairs with `num_classes` labels (255 = ignore). Item i is `transform(rgb_image, mask)` with
+    `EvalTransform(size)` by default. Any unreadable image or mask, a size mismatch, or a label outside the classes
+    is an error naming the file (evaluation must not silently drop data). `lut` maps raw mask values to labels
+    (see `read_mask`)."""
+
+    def __init__(self, images, masks, num_classes, transform=None, size=448, lut=None, class_names=None):
+        if len(images) != len(masks):
+            raise ValueError(f"{len(images)} images but {len(masks)} masks")
+        self.files = [str(p) for p in images]
+        self.mask_files = [str(p) for p in masks]
+        self.num_classes = num_classes
+        self.class_names = class_names
+        self.lut = lut
+        self.transform = transform if transform is not None else EvalTransform(size)
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, index):
+        """(rgb PIL image, 'L' PIL mask of labels) of item `index`, unresized."""
+        img = load_rgb(self.files[index])
+        mask = read_mask(self.mask_files[index], self.num_classes, self.lut)
+        if mask.shape != (img.height, img.width):
+            raise ValueError(f"mask {self.mask_files[index]} is {mask.shape[1]}x{mask.shape[0]} but image "
+                             f"{self.files[index]} is {img.width}x{img.height}")
+        return img, Image.fromarray(mask, mode="L")
+
+    def __getitem__(self, index):
+        return self.transform(*self.load(index))
+
+
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+
+
+def voc_layout(root):
+    """Resolve a PASCAL VOC 2012 root (SPEC 7 layout or official VOCdevkit layout) to
+    `dict(images, masks, masks_aug, sets)` folders; FileNotFoundError naming both layouts otherwise."""
+    root = Path(root)
+    for base in (root / "VOCSegmentation", root):
+        if (base / "images").is_dir() and (base / "sets").is_dir():
+            return dict(images=base / "images", masks=base / "SegmentationClass",
+                        masks_aug=base / "SegmentationClassAug", sets=base / "sets")
+    for base in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root):
+        if (base / "JPEGImages").is_dir() and (base / "ImageSets" / "Segmentation").is_dir():
+            return dict(images=base / "JPEGImages", masks=base / "SegmentationClass",
+                        masks_aug=base / "SegmentationClassAug", sets=base / "ImageSets" / "Segmentation")
+    raise FileNotFoundError(f"no PASCAL VOC 2012 data under {root}; expected {VOC_LAYOUT}")
+
+
+def voc_split_ids(layout, split):
+    """Image ids of a VOC split; `trainaug` also accepts the `train_aug.txt` name used by many SBD copies."""
+    if split not in ("train", "trainaug", "val"):
+        raise ValueError(f"VOC split must be train, trainaug or val, got {split!r}")
+    path = layout["sets"] / f"{split}.txt"
+    if split == "trainaug" and not path.is_file() and (layout["sets"] / "train_aug.txt").is_file():
+        path = layout["sets"] / "train_aug.txt"
+    return read_list(path, VOC_LAYOUT)
+
+
+class VOCSegmentation(SegmentationFiles):
+    """PASCAL VOC 2012 semantic segmentation (SPEC 7): 21 classes (0 background), 255 boundary/ignore. Masks of
+    `val` come from SegmentationClass; those of train/trainaug from SegmentationClassAug, as in the original code
+    (the official layout's SegmentationClass is used for `train` when SegmentationClassAug is absent)."""
+
+    def __init__(self, root, split="val", transform=None, size=448):
+        layout = voc_layout(root)
+        ids = voc_split_ids(layout, split)
+        masks = layout["masks"]
+        if split != "val" and layout["masks_aug"].is_dir():
+            masks = layout["masks_aug"]
+        elif split == "trainaug":
+            raise FileNotFoundError(f"VOC trainaug needs {layout['masks_aug']}; expected {VOC_LAYOUT}")
+        if not masks.is_dir():
+            raise FileNotFoundError(f"VOC mask folder {masks} does not exist; expected {VOC_LAYOUT}")
+        super().__init__([layout["images"] / f"{i}.jpg" for i in ids], [masks / f"{i}.png" for i in ids],
+                         len(VOC_CLASSES), transform, size, class_names=VOC_CLASSES)
+
+
+def coco_label_lut(json_path, task):
+    """Raw-id -> label table (256,) int16 and the sorted super-category names (SPEC 7).
+
+    COCO-Stuff (`task="stuff"`): stuff ids map to the alphabetically sorted super-categories of the json without
+    "other" (15); "other" (183) and 0 (things; the original sets 0 -> 183) become 255. COCO-Thing (`task="thing"`):
+    thing ids map to the sorted thing super-categories (12); stuff ids and 0 (unlabelled; the original sets 0 ->
+    200, a stuff id) become 255. 255 stays ignore; every other raw value is invalid (-1).
+    """
+    try:
+        categories = json.loads(Path(json_path).read_text())["categories"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot read the categories of COCO annotation file {json_path}: {e}") from e
+    if task == "stuff":
+        keep = [c for c in categories if c["supercategory"] != "other"]
+    else:
+        keep = [c for c in categories if c.get("isthing", 0) == 1]
+    names = sorted({c["supercategory"] for c in keep})
+    lut = np.full(256, -1, dtype=np.int16)
+    lut[[0, 255]] = 255
+    for c in categories:
+        if not 0 < c["id"] < 255:
+            raise ValueError(f"category id {c['id']} in {json_path} does not fit an 8-bit mask")
+        lut[c["id"]] = 255
+    for c in keep:
+        lut[c["id"]] = names.index(c["supercategory"])
+    return lut, names
+
+
+def coco_train_subset(names, list_file, fraction=0.1, seed=400):
+    """The COCO probe-training subset (SPEC 6.a): `fraction` of the sorted names, shuffled with `random.Random(seed)`.
+    The original shuffles `os.listdir` order, which differs between machines; drawing from the sorted list makes it
+    the same everywhere. The list is written to `list_file` and read back from there when it exists."""
+    list_file = Path(list_file)
+    if list_file.is_file():
+        return read_list(list_file, "one COCO image id a line")
+    chosen = sorted(names)
+    random.Random(seed).shuffle(chosen)
+    chosen = chosen[:int(fraction * len(chosen))]
+    if not chosen:
+        raise ValueError(f"a {fraction:.0%} subset of {len(names)} COCO images is empty")
+    try:
+        list_file.write_text("\n".join(chosen) + "\n")
+    except OSError as e:
+        warnings.warn(f"could not write the COCO subset list {list_file} ({e}); the subset is still seed-determined")
+    return chosen
+
+
+class COCOSegmentation(SegmentationFiles):
+    """COCO-Stuff (15 stuff super-categories) or COCO-Thing (12 thing super-categories) as in SPEC 7: labels from
+    `coco_label_lut` using the val json for both splits (as the original). `split="val"` is all of val2017;
+    `split="train"` is a `subset_fraction` random subset of train2017 (`coco_train_subset`), listed in
+    `<root>/coco_<task>_train2017_subset<fraction>_seed<seed>.txt` (or `subset_file`)."""
+
+    def __init__(self, root, split="val", task="stuff", transform=None, size=448, subset_fraction=0.1,
+                 subset_seed=400, subset_file=None):
+        root = Path(root)
+        if task not in ("stuff", "thing"):
+            raise ValueError(f"COCO task must be stuff or thing, got {task!r}")
+        if split not in ("train", "val"):
+            raise ValueError(f"COCO split must be train or val, got {split!r}")
+        if not root.is_dir():
+            raise FileNotFoundError(f"COCO root {root} does not exist; expected {COCO_LAYOUT}")
+        images = first_existing([root / "coco" / "images" / f"{split}2017", root / "images" / f"{split}2017",
+                                 root / f"{split}2017"], f"COCO {split}2017 image folder", COCO_LAYOUT)
+        if task == "stuff":
+            ann = first_existing([root / "annotations" / "annotations" / "stuff_annotations",
+                                  root / "annotations" / "stuff_annotations"], "COCO-Stuff annotations", COCO_LAYOUT)
+            json_path, mask_dir = ann / "stuff_val2017.json", ann / f"stuff_{split}2017_pixelmaps"
+        else:
+            ann = first_existing([root / "annotations" / "panoptic_annotations"], "COCO panoptic annotations",
+                                 COCO_LAYOUT)
+            json_path, mask_dir = ann / "panoptic_val2017.json", ann / f"semantic_segmentation_{split}2017"
+        for p in (json_path, mask_dir):
+            if not p.exists():
+                raise FileNotFoundError(f"{p} does not exist; expected {COCO_LAYOUT}")
+        lut, names = coco_label_lut(json_path, task)
+        ids = sorted(p.stem for p in mask_dir.glob("*.png"))
+        if not ids:
+            raise FileNotFoundError(f"no PNG masks in {mask_dir}; expected {COCO_LAYOUT}")
+        if split == "train":
+            subset_file = subset_file or root / f"coco_{task}_train2017_subset{subset_fraction:g}_seed{subset_seed}.txt"
+            ids = coco_train_subset(ids, subset_file, subset_fraction, subset_seed)
+        super().__init__([images / f"{i}.jpg" for i in ids], [mask_dir / f"{i}.png" for i in ids], len(names),
+                         transform, size, lut=lut, class_names=tuple(names))
+
+
+class LabelledFolder(SegmentationFiles):
+    """A user's labelled set (the layout of CamVid in ../shared/data/camvid_val): `<root>/<split>.txt` names,
+    `<root>/images/<name>.<jpg|png|...>`, `<root>/labels/<name>.png` with labels 0..num_classes-1, 255 = ignore."""
+
+    def __init__(self, root, split, num_classes, transform=None, size=448):
+        root = Path(root)
+        if num_classes is None or num_classes < 1:
+            raise ValueError(f"a labelled folder needs num_classes (the number of label values), got {num_classes}")
+        if not (root / "images").is_dir() or not (root / "labels").is_dir():
+            raise FileNotFoundError(f"labelled folder {root} lacks images/ or labels/; expected {FOLDER_LAYOUT}")
+        names = read_list(root / f"{split}.txt", FOLDER_LAYOUT)
+        by_stem = {p.stem: p for p in sorted((root / "images").iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+        missing = [n for n in names if n not in by_stem]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} images of {root / f'{split}.txt'} are missing in "
+                                    f"{root / 'images'} (e.g. {missing[:3]}); expected {FOLDER_LAYOUT}")
+        super().__init__([by_stem[n] for n in names], [root / "labels" / f"{n}.png" for n in names], num_classes,
+                         transform, size)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Built-in synthetic set: procedural scenes of objects made of parts
+# ------------------------------------------------------------------------------------------------------------------
+
+SYNTHETIC_CLASSES = ("background", "car", "bus", "face", "house", "bug")
+SYNTHETIC_SPLITS = {"train": 0, "val": 1, "test": 2}
+
+# Part appearances: base RGB colour, texture pattern and its amplitude, the same in every object class that has the
+# part (wheels: car, bus; windows: car, bus, house; eyes: face, bug), so a dense method can find shared parts.
+PARTS = {
+    "car_body": ((205, 35, 40), "hstripes", 30),
+    "bus_body": ((235, 190, 30), "vstripes", 30),
+    "wheel": ((25, 25, 28), "flat", 0),
+    "hub": ((170, 170, 175), "flat", 0),
+    "window": ((140, 205, 245), "diagonal", 25),
+    "head": ((230, 170, 130), "flat", 0),
+    "eye": ((248, 248, 248), "flat", 0),
+    "pupil": ((10, 10, 40), "flat", 0),
+    "mouth": ((150, 15, 60), "flat", 0),
+    "wall": ((175, 85, 50), "bricks", 55),
+    "roof": ((45, 55, 125), "diagonal", 30),
+    "door": ((105, 60, 25), "vstripes", 20),
+    "bug_body": ((40, 165, 60), "dots", -70),
+}
+
+
+def _region(cx, cy, rx, ry, size):
+    """Pixel-centre coordinates (h,1), (1,w) of the canvas window covering [cx-rx, cx+rx] x [cy-ry, cy+ry], or None."""
+    x0, x1 = max(int(cx - rx), 0), min(int(math.ceil(cx + rx)) + 1, size)
+    y0, y1 = max(int(cy - ry), 0), min(int(math.ceil(cy + ry)) + 1, size)
+    if x0 >= x1 or y0 >= y1:
+        return None
+    ys = np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5
+    xs = np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5
+    return (slice(y0, y1), slice(x0, x1)), ys, xs
+
+
+def _pattern(kind, ys, xs, period):
+    """Texture in [-1, 1]-ish (h, w) on the window coordinates; `period` in pixels."""
+    if kind == "hstripes":
+        return np.sign(np.sin(ys * (2 * np.pi / period))) + 0 * xs
+    if kind == "vstripes":
+        return np.sign(np.sin(xs * (2 * np.pi / period))) + 0 * ys
+    if kind == "diagonal":
+        return np.sin((xs + ys) * (np.pi / period))
+    if kind == "dots":
+        return ((np.sin(xs * (2 * np.pi / period)) * np.sin(ys * (2 * np.pi / period))) > 0.5).astype(np.float32)
+    if kind == "bricks":
+        row = np.floor(ys / period)
+        mortar = (ys % period < period * 0.2) | ((xs + row * period) % (2 * period) < period * 0.2)
+        return mortar.astype(np.float32)
+    return np.zeros(np.broadcast_shapes(ys.shape, xs.shape), dtype=np.float32)
+
+
+class SyntheticParts(Dataset):
+    """Built-in labelled synthetic set: procedural scenes of 2-3 objects made of parts over textured backgrounds.
+
+    Classes (SYNTHETIC_CLASSES): 0 background, 1 car (body + cabin, 2 windows, 2 wheels), 2 bus (long body, 3-5
+    windows, 2-3 wheels), 3 face (head, 2 eyes, mouth), 4 house (brick wall, roof, 1-2 windows, door), 5 bug
+    (spotted body, 2 eyes). Wheels, windows and eyes look the same in every class that has them, and every part
+    keeps its colour and texture up to a small per-object jitter, so the parts are discoverable and shared across
+    classes. Masks label the object class of every pixel drawn for an object (later objects occlude earlier ones in
+    both image and mask), background 0; no ignore pixels. Objects span about 0.25-0.6 of the image side.
+
+    Image i of a split is a pure function of (seed, split, i), generated on the fly with numpy (about 1-2 ms at
+    128 px); train/val/test use disjoint random streams. With `labelled=True` item i is
+    `transform(rgb_image, mask)` (default `EvalTransform(image_size)`, which keeps the size); with `labelled=False`
+    it is `transform(rgb_image)` (the unlabelled training view).
+    """
+
+    def __init__(self, num_images=1000, image_size=128, seed=0, split="train", transform=None, labelled=True,
+                 min_objects=2, max_objects=3):
+        if split not in SYNTHETIC_SPLITS:
+            raise ValueError(f"synthetic split must be one of {list(SYNTHETIC_SPLITS)}, got {split!r}")
+        if image_size < 16 or num_images < 1 or not 1 <= min_objects <= max_objects:
+            raise ValueError(f"need image_size >= 16, num_images >= 1 and 1 <= min_objects <= max_objects, got "
+                             f"{image_size}, {num_images}, {min_objects}, {max_objects}")
+        self.num_images, self.image_size, self.seed, self.split = num_images, image_size, seed, split
+        self.min_objects, self.max_objects = min_objects, max_objects
+        self.labelled = labelled
+        self.transform = transform if transform is not None or not labelled else EvalTransform(image_size)
+        self.num_classes = len(SYNTHETIC_CLASSES)
+        self.class_names = SYNTHETIC_CLASSES
+        self.files = [f"synthetic_{split}_{seed}_{i:06d}" for i in range(num_images)]
+
+    def __len__(self):
+        return self.num_images
+
+    def render(self, index, objects=True):
+        """Image (S, S, 3) uint8 and mask (S, S) uint8 of scene `index` (deterministic). `objects=False` gives the
+        same scene without its objects: the pixels of the background are then identical (the pixel noise has its own
+        random stream), which shows that the mask covers exactly what the objects painted."""
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} synthetic images")
+        rng = np.random.default_rng([self.seed, SYNTHETIC_SPLITS[self.split], index, 0])
+        noise_rng = np.random.default_rng([self.seed, SYNTHETIC_SPLITS[self.split], index, 1])
+        size = self.image_size
+        canvas = self._background(rng, size)
+        mask = np.zeros((size, size), dtype=np.uint8)
+        placed = []
+        for _ in range(int(rng.integers(self.min_objects, self.max_objects + 1)) if objects else 0):
+            cls = int(rng.integers(1, len(SYNTHETIC_CLASSES)))
+            unit = size * rng.uniform(0.2, 0.27)
+            half_w, half_h = {1: (0.85, 0.65), 2: (1.25, 0.7), 3: (0.6, 0.7), 4: (0.85, 0.8), 5: (0.85, 0.55)}[cls]
+            half_w, half_h = half_w * unit, half_h * unit
+            for _ in range(10):  # a few tries to limit occlusion; the last try is kept anyway
+                cx = rng.uniform(half_w * 0.7, size - half_w * 0.7)
+                cy = rng.uniform(half_h * 0.7, size - half_h * 0.7)
+                if all(abs(cx - px) > 0.8 * (half_w + pw) or abs(cy - py) > 0.8 * (half_h + ph)
+                       for px, py, pw, ph in placed):
+                    break
+            placed.append((cx, cy, half_w, half_h))
+            self._draw_object(canvas, mask, rng, cls, cx, cy, unit)
+        canvas += 5.0 * noise_rng.standard_normal(canvas.shape, dtype=np.float32)
+        return np.clip(canvas, 0, 255).astype(np.uint8), mask
+
+    def __getitem__(self, index):
+        image, mask = self.render(index)
+        img = Image.fromarray(image, mode="RGB")
+        if not self.labelled:
+            return self.transform(img) if self.transform is not None else img
+        return self.transform(img, Image.fromarray(mask, mode="L"))
+
+    @staticmethod
+    def _background(rng, size):
+        """Muted textured background (S, S, 3) float32: a smooth colour field plus a random grating or checks."""
+        # grey level plus a little colour, so that the saturated object parts stand out
+        low = rng.uniform(70, 180) + rng.normal(0, 12, size=(1, 1, 3)) + rng.normal(0, 12, size=(4, 4, 3))
+        field = np.asarray(Image.fromarray(np.clip(low, 0, 255).astype(np.uint8), mode="RGB").resize(
+            (size, size), Image.BILINEAR), dtype=np.float32)
+        ys = np.arange(size, dtype=np.float32)[:, None]
+        xs = np.arange(size, dtype=np.float32)[None, :]
+        period = size * rng.uniform(0.05, 0.15)
+        kind = int(rng.integers(3))
+        if kind == 0:
+            theta = rng.uniform(0, np.pi)
+            pattern = np.sin((xs * np.cos(theta) + ys * np.sin(theta)) * (2 * np.pi / period))
+        elif kind == 1:
+            pattern = np.sign(np.sin(xs * (np.pi / period)) * np.sin(ys * (np.pi / period)))
+        else:
+            pattern = np.zeros((size, size), dtype=np.float32)
+        return field + (rng.uniform(8, 20) * pattern)[..., None].astype(np.float32)
+
+    @staticmethod
+    def _paint(canvas, mask, rng_jitter, part, cls, shape, cx, cy, rx, ry, unit):
+        """Paint one part (a `shape` in ellipse, rect, rounded, roof, centred at (cx, cy) with half sizes rx, ry)
+        with its appearance from PARTS, and write `cls` into the mask under it."""
+        region = _region(cx, cy, rx, ry, canvas.shape[0])
+        if region is None:
+            return
+        window, ys, xs = region
+        dx, dy = (xs - cx) / rx, (ys - cy) / ry
+        if shape == "ellipse":
+            inside = dx * dx + dy * dy <= 1
+        elif shape == "rect":
+            inside = (np.abs(dx) <= 1) & (np.abs(dy) <= 1)
+        elif shape == "rounded":
+            inside = dx ** 6 + dy ** 6 <= 1
+        else:  # roof: a triangle with its apex at the top centre
+            inside = (np.abs(dy) <= 1) & (np.abs(dx) <= (dy + 1) / 2)
+        if not inside.any():
+            return
+        colour, kind, amplitude = PARTS[part]
+        # the pattern is anchored to the object, so a part's texture moves with it
+        texture = _pattern(kind, ys - cy, xs - cx, unit * 0.22)
+        value = np.asarray(colour, np.float32) * rng_jitter + (amplitude * texture)[..., None]
+        canvas[window][inside] = np.broadcast_to(value, inside.shape + (3,))[inside]
+        mask[window][inside] = cls
+
+    def _draw_object(self, canvas, mask, rng, cls, cx, cy, u):
+        """Draw object class `cls` centred at (cx, cy) with size unit `u` pixels."""
+        jitter = rng.uniform(0.88, 1.12) * rng.uniform(0.95, 1.05, size=3).astype(np.float32)
+        flip = 1 if rng.random() < 0.5 else -1
+
+        def paint(part, shape, x, y, rx, ry):
+            self._paint(canvas, mask, jitter, part, cls, shape, cx + flip * x * u, cy + y * u, rx * u, ry * u, u)
+
+        if cls == 1:  # car: body with a cabin, two windows, two wheels
+            paint("car_body", "rounded", 0.0, 0.15, 0.85, 0.3)
+            paint("car_body", "rounded", -0.05, -0.25, 0.5, 0.25)
+            for x in (-0.3, 0.2):
+                paint("window", "rect", x, -0.25, 0.18, 0.15)
+            for x in (-0.5, 0.5):
+                paint("wheel", "ellipse", x, 0.45, 0.22, 0.22)
+                paint("hub", "ellipse", x, 0.45, 0.09, 0.09)
+        elif cls == 2:  # bus: long body, a row of windows, wheels
+            paint("bus_body", "rounded", 0.0, 0.0, 1.25, 0.5)
+            n = int(rng.integers(3, 6))
+            for k in range(n):
+                paint("window", "rect", -1.0 + (k + 0.5) * 2.0 / n, -0.18, 0.8 / n, 0.17)
+            for x in ((-0.8, 0.8) if rng.random() < 0.5 else (-0.8, 0.0, 0.8)):
+                paint("wheel", "ellipse", x, 0.5, 0.22, 0.22)
+                paint("hub", "ellipse", x, 0.5, 0.09, 0.09)
+        elif cls == 3:  # face: head, two eyes, mouth
+            paint("head", "ellipse", 0.0, 0.0, 0.6, 0.7)
+            for x in (-0.25, 0.25):
+                paint("eye", "ellipse", x, -0.15, 0.17, 0.12)
+                paint("pupil", "ellipse", x, -0.15, 0.07, 0.07)
+            paint("mouth", "ellipse", 0.0, 0.35, 0.25, 0.08)
+        elif cls == 4:  # house: roof, brick wall, windows, door
+            paint("wall", "rect", 0.0, 0.3, 0.7, 0.5)
+            paint("roof", "roof", 0.0, -0.5, 0.85, 0.3)
+            for x in ((-0.38, 0.38) if rng.random() < 0.7 else (-0.38,)):
+                paint("window", "rect", x, 0.15, 0.17, 0.15)
+            paint("door", "rect", 0.05, 0.55, 0.14, 0.25)
+        else:  # bug: spotted body with two eyes at its front
+            paint("bug_body", "ellipse", 0.0, 0.0, 0.85, 0.55)
+            for y in (-0.22, 0.22):
+                paint("eye", "ellipse", 0.55, y, 0.15, 0.12)
+                paint("pupil", "ellipse", 0.6, y, 0.06, 0.06)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Builders used by train.py and the evaluation scripts
+# ------------------------------------------------------------------------------------------------------------------
+
+TRAIN_DATASETS = ("synthetic", "imagenet100", "coco", "voc", "folder")
+EVAL_DATASETS = ("synthetic", "voc", "coco_stuff", "coco_thing", "folder")
+
+
+def build_train_dataset(name, root, transform, **kwargs):
+    """Unlabelled training set whose items are `transform(pil_rgb_image)` (None for an unreadable image).
+
+    name: synthetic (`SyntheticParts` train split; kwargs num_images, image_size, seed), imagenet100 (SPEC 7),
+    coco (all of `<root>/train2017`, or `<root>/images/train2017`, `<root>/coco/images/train2017`), voc (the images
+    of a VOC split, kwarg split, default trainaug), folder (every image under root).
+    """
+    if name == "synthetic":
+        return SyntheticParts(transform=transform, labelled=False, split="train", **kwargs)
+    if root is None:
+        raise ValueError(f"training data set {name!r} needs a root folder")
+    root = Path(root)
+    if name == "imagenet100":
+        return ImageNet100(root, transform, **kwargs)
+    if name == "coco":
+        layout = "<root>/train2017/*.jpg (or <root>/images/train2017, <root>/coco/images/train2017)"
+        folder = first_existing([root / "train2017", root / "images" / "train2017",
+                                 root / "coco" / "images" / "train2017"], "COCO train2017 image folder", layout)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise FileNotFoundError(f"no images in {folder}; expected {layout}")
+        return ImageFiles(files, transform)
+    if name == "voc":
+        layout = voc_layout(root)
+        ids = voc_split_ids(layout, kwargs.get("split", "trainaug"))
+        return ImageFiles([layout["images"] / f"{i}.jpg" for i in ids], transform)
+    if name == "folder":
+        return ImageFolder(root, transform)
+    raise ValueError(f"unknown training data set {name!r}; choose from {', '.join(TRAIN_DATASETS)}")
+
+
+def build_eval_dataset(name, root, split, size=448, transform=None, num_classes=None, **kwargs):
+    """Labelled set whose items are `(image (3,S,S) float32, mask (S,S) int64, 255 = ignore)`, with `.num_classes`
+    and `.files`. `transform(pil_image, pil_mask)` defaults to `EvalTransform(size)` (SPEC 6).
+
+    name: synthetic (split train/val/test, rendered at `size`; kwargs num_images (default 1000 train, 100 else),
+    seed), voc (train/trainaug/val), coco_stuff and coco_thing (train = 10% subset, val; kwargs of
+    `COCOSegmentation`), folder (`LabelledFolder`, needs num_classes).
+    """
+    if name == "synthetic":
+        kwargs.setdefault("num_images", 1000 if split == "train" else 100)
+        return SyntheticParts(image_size=size, split=split, transform=transform, **kwargs)
+    if root is None:
+        raise ValueError(f"evaluation data set {name!r} needs a root folder")
+    if name == "voc":
+        return VOCSegmentation(root, split, transform, size)
+    if name in ("coco_stuff", "coco_thing"):
+        return COCOSegmentation(root, split, name[len("coco_"):], transform, size, **kwargs)
+    if name == "folder":
+        return LabelledFolder(root, split, num_classes, transform, size)
+    raise ValueError(f"unknown evaluation data set {name!r}; choose from {', '.join(EVAL_DATASETS)}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Throughput measurement and synthetic preview
+# ------------------------------------------------------------------------------------------------------------------
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        "data.py: measure the multi-crop pipeline (SPEC 1) in one process, or preview the synthetic set",
+        add_help=True)
+    parser.add_argument("--dataset", default="folder", choices=TRAIN_DATASETS,
+                        help="training data set to read (see build_train_dataset)")
+    parser.add_argument("--root", default=None, help="its root folder (not needed for synthetic)")
+    parser.add_argument("--num-images", type=int, default=200, help="how many images to time")
+    parser.add_argument("--global-size", type=int, default=224, help="global crop side (SPEC 1.1: 224)")
+    parser.add_argument("--local-size", type=int, default=96, help="local crop side (SPEC 1.1: 96)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 mimics one DataLoader worker process")
+    parser.add_argument("--preview", default=None,
+                        help="instead of timing, write a PNG grid of synthetic images and their masks here")
+    return parser
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    if args.preview:
+        ds = SyntheticParts(num_images=8, image_size=128, split="val", labelled=False)
+        rows = []
+        palette = np.array([[0, 0, 0], [230, 25, 75], [255, 225, 25], [245, 130, 48], [60, 180, 75], [0, 130, 200]],
+                           dtype=np.uint8)
+        for i in range(8):
+            image, mask = ds.render(i)
+            rows.append(np.concatenate([image, palette[mask]], axis=1))
+        Image.fromarray(np.concatenate(rows, axis=0)).save(args.preview)
+        print(f"wrote {args.preview}")
+        return
+    transform = MultiCropTransform(global_size=args.global_size, local_size=args.local_size)
+    ds = build_train_dataset(args.dataset, args.root, transform)
+    n = min(args.num_images, len(ds))
+    ds[0]  # warm-up (imports, first decode)
+    start = time.perf_counter()
+    for i in range(n):
+        ds[i % len(ds)]
+    elapsed = time.perf_counter() - start
+    print(f"{n} images from {args.dataset} in {elapsed:.2f} s: {n / elapsed:.1f} images/s in one process "
+          f"({args.threads} torch thread(s)), {len(transform.sizes)} crops each "
+          f"({args.global_size}/{args.local_size} px)")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
