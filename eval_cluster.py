@@ -1,0 +1,604 @@
+"""Overclustering evaluation of a frozen backbone (SPEC 6.c), and the evaluation pieces other scripts import.
+
+Protocol (SPEC 6.c, `experiments/overcluster/sup_overcluster.py` of the original):
+spatial tokens of a labelled split at 448 px -> per-dimension standardisation -> PCA to 50 dims -> k-means for each
+K over 5 seeds (faiss semantics) -> cluster maps nearest-upsampled to 100x100 -> many-to-one matching by precision
+(Hungarian when K equals the number of classes) -> mIoU from one confusion matrix over the whole split.
+
+Importable building blocks: `extract_features`, `backbone_tokens`, `standardize`, `pca`, `kmeans`,
+`confusion_matrix`, `match_and_score`, `compute_miou`, `overcluster`, and the backbone/dataset loaders shared with
+`eval_linear.py`.
+
+    python eval_cluster.py --pretrained leopart_vits16.ckpt --dataset voc --data-root /data/VOC --split val
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+MATCHINGS = ("none", "hungarian", "many_to_one_precision", "many_to_one_iou")
+IGNORE_INDEX = 255
+# Bound on the elements of one block of the (points x centroids) distance matrix: 2^24 floats = 64 MiB, so k-means
+# over millions of tokens never materialises the full matrix.
+DISTANCE_BLOCK_ELEMENTS = 1 << 24
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metric (SPEC 6 "mIoU", golden README section 4)
+# ----------------------------------------------------------------------------------------------------------------
+
+def confusion_matrix(gt, pred, num_classes, num_pred, ignore_index=IGNORE_INDEX):
+    """Pixel counts C[c, p] = #(gt == c and pred == p) over the pixels whose gt is not `ignore_index` (SPEC 6).
+
+    gt, pred: tensors or arrays of the same number of elements (any shape, flattened; e.g. (N, H, W)).
+    Returns a (num_classes, num_pred) int64 tensor on gt's device. One matrix over the whole split is what the
+    original accumulates (no per-image averaging). Values outside [0, num_classes) / [0, num_pred) raise ValueError
+    (the original's `max(pred) <= num_pred` check is off by one, SPEC 8.15).
+    """
+    gt = torch.as_tensor(gt).reshape(-1)
+    pred = torch.as_tensor(pred, device=gt.device).reshape(-1)
+    if gt.numel() != pred.numel():
+        raise ValueError(f"gt has {gt.numel()} elements but pred has {pred.numel()}")
+    pred = pred.long()
+    if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= num_pred):
+        raise ValueError(f"predicted ids must lie in [0, {num_pred}), got range "
+                         f"[{int(pred.min())}, {int(pred.max())}]")
+    gt = gt.long()
+    if ignore_index is not None:
+        valid = gt != ignore_index
+        gt, pred = gt[valid], pred[valid]
+    if gt.numel() and (int(gt.min()) < 0 or int(gt.max()) >= num_classes):
+        raise ValueError(f"ground-truth labels must lie in [0, {num_classes}) or be {ignore_index}, got range "
+                         f"[{int(gt.min())}, {int(gt.max())}]")
+    counts = torch.bincount(gt * num_pred + pred, minlength=num_classes * num_pred)
+    return counts.reshape(num_classes, num_pred)
+
+
+def match_and_score(confusion, matching):
+    """Match predicted ids to gt classes and score, from a confusion matrix alone (SPEC 6 mIoU; golden README 4).
+
+    confusion: (num_gt, num_pred) counts from `confusion_matrix`. matching:
+      - "none": predictions are class ids already (linear probe); needs num_pred == num_gt.
+      - "hungarian": `linear_sum_assignment(1 - IoU)`, rows gt, columns clusters; unmatched clusters become 0.
+      - "many_to_one_precision" / "many_to_one_iou": each cluster goes to the gt class of highest precision
+        tp/(tp+fp) (resp. IoU); ties go to the lowest gt id, so an empty cluster goes to 0. As in the original
+        code no Hungarian step follows (the paper mentions one; it would be a no-op, SPEC 8.10).
+    Scores use tp/max(tp+fp+fn, 1e-8) (resp. tp/max(tp+fp, 1e-8)) in float64; mIoU is the mean over all num_gt
+    classes, so a class absent from gt and prediction counts as 0.
+    Returns a dict of CPU tensors: miou (float), iou_per_class (num_gt,) float64, tp/fp/fn (num_gt,) int64,
+    match (num_pred,) int64 (the gt id of every predicted id), score_matrix (num_gt, num_pred) float64,
+    matched_bg_clusters (float, as the original reports it), and for Hungarian match_gt_idx/match_pred_idx.
+    """
+    if matching not in MATCHINGS:
+        raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
+    conf = torch.as_tensor(confusion).cpu().long()
+    num_gt, num_pred = conf.shape
+    tp = conf.double()
+    fp = conf.sum(0, keepdim=True).double() - tp
+    fn = conf.sum(1, keepdim=True).double() - tp
+    iou = tp / (tp + fp + fn).clamp_min(1e-8)
+    out = {}
+    if matching == "none":
+        if num_pred != num_gt:
+            raise ValueError(f"matching 'none' needs as many predicted ids as classes, got {num_pred} vs {num_gt}")
+        score = iou
+        match = torch.arange(num_pred)
+        matched_bg = 1.0 / num_gt
+    elif matching == "hungarian":
+        score = iou
+        rows, cols = linear_sum_assignment(1 - score.numpy())
+        match = torch.zeros(num_pred, dtype=torch.long)
+        match[torch.from_numpy(cols).long()] = torch.from_numpy(rows).long()
+        out["match_gt_idx"] = torch.from_numpy(rows).long()
+        out["match_pred_idx"] = torch.from_numpy(cols).long()
+        # The original reports 1/num_gt here whatever the matching (golden README 4).
+        matched_bg = 1.0 / num_gt
+    else:
+        score = iou if matching == "many_to_one_iou" else tp / (tp + fp).clamp_min(1e-8)
+        # np.argmax returns the first maximum: the original's strict '>' scan from gt 0 upwards.
+        match = torch.from_numpy(np.argmax(score.numpy(), axis=0)).long()
+        matched_bg = float((match == 0).sum()) / num_pred
+    # Confusion after renaming every predicted id to its matched gt id.
+    merged = torch.zeros(num_gt, num_gt, dtype=torch.long).index_add_(1, match, conf)
+    tp_c = merged.diagonal().clone()
+    fp_c = merged.sum(0) - tp_c
+    fn_c = merged.sum(1) - tp_c
+    iou_c = tp_c.double() / (tp_c + fp_c + fn_c).double().clamp_min(1e-8)
+    out.update(miou=float(iou_c.mean()), iou_per_class=iou_c, tp=tp_c, fp=fp_c, fn=fn_c, match=match,
+               score_matrix=score, matched_bg_clusters=matched_bg)
+    return out
+
+
+def compute_miou(gt, pred, num_classes, num_pred, matching, ignore_index=IGNORE_INDEX):
+    """mIoU of a prediction against gt with the original's matching (`PredsmIoU.compute_miou`, SPEC 6, 10.7).
+
+    gt, pred: same-size tensors/arrays (flattened); pixels with gt == ignore_index are left out (the original
+    removes them before the call). num_classes: gt classes; num_pred: predicted ids (clusters). matching: see
+    `match_and_score`. Returns its dict plus `confusion` (num_classes, num_pred) and `reordered`, the prediction
+    with every id replaced by its matched gt id, same shape as pred (ignored pixels included).
+    """
+    confusion = confusion_matrix(gt, pred, num_classes, num_pred, ignore_index)
+    out = match_and_score(confusion, matching)
+    pred = torch.as_tensor(pred)
+    out["confusion"] = confusion
+    out["reordered"] = out["match"].to(pred.device)[pred.long()]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Standardisation, PCA, k-means (SPEC 6.c steps 3-5)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _blocks(n, rows):
+    """Row slices of at most `rows` rows covering range(n)."""
+    return [slice(s, min(s + rows, n)) for s in range(0, n, max(1, rows))]
+
+
+def standardize(x, eps=0.0, chunk_rows=1 << 16, device=None):
+    """Per-dimension z-score of x (n, D) -> float32 (n, D) on x's device (SPEC 6.c step 3).
+
+    sklearn `StandardScaler` semantics: mean and std with ddof 0 over all rows (accumulated in float64 in chunks,
+    so memory stays bounded), and a dimension that is constant up to float64 round-off gets scale 1 instead of a
+    division by ~0 (sklearn's `_is_constant_feature`). `eps` is added to the std: 0 for the evaluation protocol
+    (SPEC 6.c), 1e-5 for the training-time monitor (SPEC 5.5). `device` is where the sums run (default x's).
+    """
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"standardize expects a non-empty (n, D) matrix, got shape {tuple(x.shape)}")
+    device = torch.device(device) if device is not None else x.device
+    n, dim = x.shape
+    total = torch.zeros(dim, dtype=torch.float64, device=device)
+    for b in _blocks(n, chunk_rows):
+        total += x[b].to(device, torch.float64).sum(0)
+    mean = total / n
+    sq = torch.zeros(dim, dtype=torch.float64, device=device)
+    for b in _blocks(n, chunk_rows):
+        sq += ((x[b].to(device, torch.float64) - mean) ** 2).sum(0)
+    var = sq / n
+    fp64_eps = torch.finfo(torch.float64).eps
+    constant = var <= n * fp64_eps * var + (n * mean * fp64_eps) ** 2
+    scale = torch.where(constant, torch.ones_like(var), var.sqrt()) + eps
+    out = torch.empty(n, dim, dtype=torch.float32, device=x.device)
+    for b in _blocks(n, chunk_rows):
+        out[b] = ((x[b].to(device, torch.float64) - mean) / scale).float().to(x.device)
+    return out
+
+
+def pca(x, dim=50, max_points=None, seed=1234, chunk_rows=1 << 16, device=None):
+    """Project x (n, D) onto its top `dim` principal directions -> float32 (n, dim) on x's device (SPEC 6.c step 4).
+
+    `faiss.PCAMatrix(D, dim)` semantics: trained on a random subsample of at most `max_points` rows (default
+    faiss's max_points_per_d * D = 1000 * D; `seed` picks it), subtracts its own mean, no whitening
+    (eigen_power 0) and no random rotation. The covariance is accumulated in float64 in chunks and diagonalised
+    with `torch.linalg.eigh`; each direction's sign is fixed so that its largest-magnitude entry is positive
+    (faiss leaves the sign to LAPACK; distances, hence k-means, do not depend on it).
+    """
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"pca expects a non-empty (n, D) matrix, got shape {tuple(x.shape)}")
+    n, d_in = x.shape
+    if not 1 <= dim <= d_in:
+        raise ValueError(f"pca dim must lie in [1, {d_in}] for {d_in}-dimensional input, got {dim}")
+    device = torch.device(device) if device is not None else x.device
+    max_points = 1000 * d_in if max_points is None else max_points
+    if n > max_points:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_points]
+        sample = x[idx.to(x.device)]
+    else:
+        sample = x
+    m = sample.shape[0]
+    mean = torch.zeros(d_in, dtype=torch.float64, device=device)
+    for b in _blocks(m, chunk_rows):
+        mean += sample[b].to(device, torch.float64).sum(0)
+    mean /= m
+    cov = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
+    for b in _blocks(m, chunk_rows):
+        centred = sample[b].to(device, torch.float64) - mean
+        cov += centred.T @ centred
+    cov /= m
+    _, vectors = torch.linalg.eigh(cov)                      # ascending eigenvalues
+    components = vectors[:, -dim:].flip(1)                     # (D, dim), largest variance first
+    rows = components.abs().argmax(0)
+    components = components * torch.sign(components[rows, torch.arange(dim, device=device)])
+    components, mean32 = components.float(), mean.float()
+    out = torch.empty(n, dim, dtype=torch.float32, device=x.device)
+    for b in _blocks(n, chunk_rows):
+        out[b] = ((x[b].to(device, torch.float32) - mean32) @ components).to(x.device)
+    return out
+
+
+def _assign(x, centroids, spherical, chunk_rows):
+    """Nearest centroid of every row of x, in blocks of `chunk_rows` rows (faiss `index.search(x, 1)`).
+
+    x (n, d) on any device, centroids (k, d) float32 on the compute device. Returns assignments (n,) int64 and
+    distances (n,) float32 on the compute device: squared L2 distance, or the inner product when spherical
+    (IndexFlatIP). Ties go to the lowest centroid id.
+    """
+    dev = centroids.device
+    n = x.shape[0]
+    assign = torch.empty(n, dtype=torch.long, device=dev)
+    dist = torch.empty(n, dtype=torch.float32, device=dev)
+    c_sq = (centroids * centroids).sum(1)
+    for b in _blocks(n, chunk_rows):
+        xb = x[b].to(dev, torch.float32, non_blocking=True)
+        if spherical:
+            dist[b], assign[b] = (xb @ centroids.T).max(1)
+        else:
+            # ||x||^2 - 2 x.c + ||c||^2, the BLAS path of faiss's exhaustive search; clamp the round-off below 0.
+            d, a = torch.addmm(c_sq.unsqueeze(0), xb, centroids.T, alpha=-2).min(1)
+            dist[b] = (d + (xb * xb).sum(1)).clamp_min_(0)
+            assign[b] = a
+    return assign, dist
+
+
+def _split_empty_clusters(centroids, counts, generator):
+    """Re-seed empty clusters in place as faiss's `split_clusters` does (SPEC 6.c step 5).
+
+    For each empty cluster i (in id order) a donor j is drawn with probability proportional to counts[j] - 1;
+    i gets a copy of j's centroid and the two are pushed apart by a relative +-1/1024 on alternating coordinates,
+    and j's count is shared between them. If no cluster has two points, empty clusters are left unchanged.
+    centroids (k, d) float32, counts (k,) float64 (both modified). Returns the number of splits.
+    """
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if not empty:
+        return 0
+    d = centroids.shape[1]
+    eps = 1.0 / 1024
+    up = torch.full((d,), 1 + eps, device=centroids.device)
+    up[1::2] = 1 - eps
+    down = 2 - up
+    splits = 0
+    for i in empty:
+        weights = (counts - 1).clamp_min(0).cpu()
+        if float(weights.sum()) <= 0:
+            break
+        j = int(torch.multinomial(weights, 1, generator=generator))
+        centroids[i] = centroids[j] * up
+        centroids[j] = centroids[j] * down
+        counts[i] = counts[j] / 2
+        counts[j] -= counts[i]
+        splits += 1
+    return splits
+
+
+def kmeans(x, k, iterations=100, restarts=5, seed=0, max_points_per_centroid=256, spherical=False, device=None,
+           chunk_rows=None):
+    """k-means of x (n, d) with the semantics of `faiss.Kmeans(d, k, niter, nredo, spherical, seed)` (SPEC 6.c.5).
+
+    - If n > k * max_points_per_centroid, training uses a random subsample of k * max_points_per_centroid rows.
+    - Each of `restarts` runs starts from k distinct random training rows (faiss's nredo) and does `iterations`
+      Lloyd steps (assign, then recompute centroids as means; empty clusters are re-seeded by splitting a large one,
+      see `_split_empty_clusters`). The run with the lowest objective is kept (highest when spherical).
+    - Spherical: centroids are L2-normalised after every update and assignment is by largest inner product.
+    - Finally every row of x is assigned to the kept centroids.
+    Distances are computed in blocks of `chunk_rows` rows (default: 2^24 / k), so memory stays bounded for millions
+    of points; the work runs on `device` (default: CUDA when available) with x streamed to it block by block.
+    Deterministic for a fixed seed (torch.Generator; on GPU up to floating-point reduction order).
+    Returns (centroids (k, d) float32, assignments (n,) int64, objective float) on the compute device; objective
+    is faiss's: the sum over training rows of the squared distance (inner product when spherical) at the last
+    assignment step of the kept run.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"kmeans expects an (n, d) matrix, got shape {tuple(x.shape)}")
+    n, d = x.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"kmeans needs 1 <= k <= number of points, got k={k} for {n} points")
+    if iterations < 1 or restarts < 1:
+        raise ValueError(f"kmeans needs iterations >= 1 and restarts >= 1, got {iterations} and {restarts}")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    chunk_rows = chunk_rows or max(1, DISTANCE_BLOCK_ELEMENTS // k)
+
+    if n > k * max_points_per_centroid:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k * max_points_per_centroid]
+        train = x[idx.to(x.device)].to(device, torch.float32)
+    else:
+        train = x.to(device, torch.float32)
+    n_train = train.shape[0]
+    train64 = train.double()
+
+    best = None
+    for redo in range(restarts):
+        # faiss seeds restart r with seed + 1 + r * 15486557.
+        gen = torch.Generator().manual_seed(seed + 1 + redo * 15486557)
+        centroids = train[torch.randperm(n_train, generator=gen)[:k].to(device)].clone()
+        if spherical:
+            centroids = F.normalize(centroids, dim=1)
+        for _ in range(iterations):
+            assign, dist = _assign(train, centroids, spherical, chunk_rows)
+            objective = float(dist.double().sum())
+            counts = torch.bincount(assign, minlength=k).double()
+            sums = torch.zeros(k, d, dtype=torch.float64, device=device).index_add_(0, assign, train64)
+            centroids = (sums / counts.clamp_min(1).unsqueeze(1)).float()
+            _split_empty_clusters(centroids, counts, gen)
+            if spherical:
+                centroids = F.normalize(centroids, dim=1)
+        better = best is None or (objective > best[1] if spherical else objective < best[1])
+        if better:
+            best = (centroids, objective)
+    centroids, objective = best
+    assignments, _ = _assign(x, centroids, spherical, chunk_rows)
+    return centroids, assignments, objective
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Features (SPEC 6 common preprocessing, 6.c steps 1-2)
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def backbone_tokens(backbone, images, return_attention=False):
+    """Frozen spatial tokens of a batch: images (B, 3, H, W) -> (B, H/P, W/P, D) float32 on the images' device.
+
+    bf16 autocast on CUDA (fp32 on CPU). With return_attention also returns the last block's CLS attention over
+    the patches, (B, heads, h*w) float32.
+    """
+    p = backbone.patch_size
+    b, _, h, w = images.shape
+    if h % p or w % p:
+        raise ValueError(f"input size {h}x{w} is not divisible by the backbone's patch size {p}")
+    with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):
+        out = backbone(images, return_attention=return_attention)
+    tokens, attention = out if return_attention else (out, None)
+    tokens = tokens.float().reshape(b, h // p, w // p, -1)
+    return (tokens, attention.float()) if return_attention else tokens
+
+
+def downsample_masks(masks, size):
+    """(N, S, S) integer masks -> (N, size, size) int64 by legacy nearest interpolation (SPEC 6: src=floor(dst*in/out))."""
+    if masks.shape[-1] == size and masks.shape[-2] == size:
+        return masks.long()
+    return F.interpolate(masks.unsqueeze(1).float(), size=(size, size), mode="nearest").squeeze(1).long()
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, batch_size=16, device=None, num_workers=0, return_attention=False,
+                     mask_size=None):
+    """Spatial tokens of every item of a labelled eval dataset (SPEC 6.c step 1).
+
+    dataset items: (image (3, S, S) float, mask (S, S) int64). Runs the backbone in eval mode on `device`
+    (default: where its parameters are; its train/eval mode is restored afterwards), bf16 autocast on CUDA.
+    Returns a dict of CPU tensors: features (N, h, w, D) float32, masks (N, S, S) int64 (or (N, mask_size,
+    mask_size) when mask_size is given: nearest-downsampled during extraction to save memory, identical to doing
+    it later), and with return_attention, attention (N, heads, h*w) float32.
+    """
+    if len(dataset) == 0:
+        raise ValueError("the evaluation dataset is empty")
+    device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    was_training = backbone.training
+    backbone.eval().to(device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    features = masks = attention = None
+    pos = 0
+    try:
+        for images, batch_masks in loader:
+            out = backbone_tokens(backbone, images.to(device, non_blocking=True), return_attention)
+            tokens, attn = out if return_attention else (out, None)
+            if mask_size is not None:
+                batch_masks = downsample_masks(batch_masks, mask_size)
+            if features is None:
+                n = len(dataset)
+                features = torch.empty((n,) + tokens.shape[1:], dtype=torch.float32)
+                masks = torch.empty((n,) + batch_masks.shape[1:], dtype=torch.long)
+                if return_attention:
+                    attention = torch.empty((n,) + attn.shape[1:], dtype=torch.float32)
+            b = tokens.shape[0]
+            features[pos:pos + b] = tokens.cpu()
+            masks[pos:pos + b] = batch_masks.long()
+            if return_attention:
+                attention[pos:pos + b] = attn.cpu()
+            pos += b
+    finally:
+        backbone.train(was_training)
+    out = {"features": features, "masks": masks}
+    if return_attention:
+        out["attention"] = attention
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The overclustering protocol (SPEC 6.c)
+# ----------------------------------------------------------------------------------------------------------------
+
+def overcluster(features, masks, num_classes, ks=(100, 300, 500), seeds=range(5), mask_size=100, pca_dim=50,
+                device=None, iterations=100, restarts=5, matching=None):
+    """SPEC 6.c on already extracted features: standardise, PCA, k-means per K and seed, match, mIoU.
+
+    features (N, h, w, D) float; masks (N, S, S) integer with 255 = ignore (any S; nearest-downsampled to
+    mask_size). pca_dim None or >= D skips the PCA. matching None picks the paper's: Hungarian when K equals
+    num_classes, else many-to-one by precision. iterations/restarts default to the protocol's 100/5; train.py's
+    quick monitor may pass fewer, with small ks and seeds.
+    Returns {K: {"miou": [per seed], "mean", "std" (ddof 0), "iou_per_class": [per seed, per class],
+    "objective": [per seed], "matching"}}.
+    """
+    if features.dim() != 4:
+        raise ValueError(f"features must be (N, h, w, D), got shape {tuple(features.shape)}")
+    n, h, w, dim = features.shape
+    if masks.shape[0] != n:
+        raise ValueError(f"{n} feature maps but {masks.shape[0]} masks")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    x = standardize(features.reshape(-1, dim), device=device)
+    if pca_dim is not None and pca_dim < dim:
+        x = pca(x, pca_dim, device=device)
+    gt = downsample_masks(masks.to(device), mask_size)
+    results = {}
+    for k in ks:
+        mode = matching or ("hungarian" if k == num_classes else "many_to_one_precision")
+        runs = []
+        for seed in seeds:
+            _, assign, objective = kmeans(x, k, iterations=iterations, restarts=restarts, seed=seed, device=device)
+            cluster_map = assign.reshape(n, 1, h, w).float()
+            cluster_map = F.interpolate(cluster_map, size=(mask_size, mask_size), mode="nearest").squeeze(1).long()
+            res = compute_miou(gt, cluster_map.to(gt.device), num_classes, k, mode)
+            runs.append((res["miou"], res["iou_per_class"].tolist(), objective))
+        mious = [r[0] for r in runs]
+        results[k] = {"miou": mious, "mean": float(np.mean(mious)), "std": float(np.std(mious)),
+                      "iou_per_class": [r[1] for r in runs], "objective": [r[2] for r in runs], "matching": mode}
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line (shared with eval_linear.py: backbone, data and device arguments)
+# ----------------------------------------------------------------------------------------------------------------
+
+def add_backbone_and_data_args(parser):
+    """Arguments both evaluation scripts take: which frozen backbone, which labelled data, where to run."""
+    parser.add_argument("--pretrained", default=None,
+                        help="backbone checkpoint path or URL: anything leopart_core.load_backbone reads (DINO/DINOv2 "
+                             "backbones, DINO full checkpoints, the released Leopart .ckpt, Lightning and this "
+                             "project's training checkpoints; SPEC 9). 'none' or absent: random init of --arch")
+    parser.add_argument("--arch", default=None,
+                        help="vit_tiny, vit_small, vit_base, dinov2_vits14, dinov2_vitb14; inferred from the "
+                             "checkpoint when omitted, required for a random init")
+    parser.add_argument("--patch-size", type=int, default=None,
+                        help="patch size of a DINO --arch (default 16; the paper's ViT-B/8 needs 8)")
+    parser.add_argument("--init-seed", type=int, default=0, help="torch seed of a random-init backbone")
+    parser.add_argument("--dataset", default="voc", choices=("voc", "coco_stuff", "coco_thing", "folder", "synthetic"),
+                        help="labelled data set (SPEC 7): VOC 21 classes incl. background, COCO-Stuff 15 and "
+                             "COCO-Thing 12 super-categories, a labelled folder (images/, labels/, <split>.txt), "
+                             "or the built-in synthetic scenes")
+    parser.add_argument("--data-root", default=None, help="root folder of the data set (see data.py for layouts)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="number of label values of a --dataset folder (labels 0..C-1, 255 = ignore)")
+    parser.add_argument("--input-size", type=int, default=448,
+                        help="images are resized to SxS, aspect ratio not kept (SPEC 6: 448; must be a multiple "
+                             "of the patch size)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per backbone forward pass")
+    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'")
+    return parser
+
+
+def resolve_device(name):
+    """torch.device for --device; 'auto' picks CUDA when available. A CUDA request without CUDA is an error."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a torch device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def build_frozen_backbone(pretrained, arch=None, patch_size=None, device="cpu", init_seed=0):
+    """The backbone to evaluate, in eval mode with requires_grad off (SPEC 6.a "frozen"), and a description.
+
+    pretrained: a checkpoint path/URL for `leopart_core.load_backbone`, or None/'none' for a random init of `arch`
+    (seeded with `init_seed`, the baseline every pretrained score should clearly beat).
+    """
+    from leopart_core import build_vit, load_backbone
+    if pretrained is None or str(pretrained).lower() == "none":
+        if not arch:
+            raise ValueError("a random-init backbone (--pretrained none) needs --arch, e.g. --arch vit_small")
+        torch.manual_seed(init_seed)
+        model = build_vit(arch, patch_size)
+        description = f"random init {arch} (seed {init_seed})"
+    else:
+        pretrained = str(pretrained)
+        if not pretrained.startswith(("http://", "https://")) and not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"--pretrained checkpoint {pretrained} does not exist")
+        model = load_backbone(pretrained, arch, patch_size)
+        description = pretrained
+    model.eval().requires_grad_(False).to(device)
+    return model, description
+
+
+def build_split(args, split, transform=None, max_images=None):
+    """`data.build_eval_dataset` for the script arguments, optionally cut to its first `max_images` items.
+
+    Returns (dataset, num_classes, files).
+    """
+    from data import build_eval_dataset
+    dataset = build_eval_dataset(args.dataset, args.data_root, split, size=args.input_size, transform=transform,
+                                 num_classes=args.num_classes)
+    num_classes, files = dataset.num_classes, list(dataset.files)
+    if len(dataset) == 0:
+        raise ValueError(f"split {split!r} of {args.dataset} under {args.data_root} has no images")
+    if max_images is not None and max_images < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, range(max_images))
+        files = files[:max_images]
+    return dataset, num_classes, files
+
+
+def write_json(obj, path):
+    """Write JSON atomically (temporary file, then os.replace), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        "eval_cluster.py: overclustering evaluation of a frozen backbone (SPEC 6.c; paper Tables 1-3 'K=100/300/500')",
+        add_help=True)
+    add_backbone_and_data_args(parser)
+    parser.add_argument("--split", default="val",
+                        help="split to cluster and score; the original fits k-means on val itself (SPEC 6.c.1, 8.9)")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="use only the first N images of the split (smoke runs; the protocol uses all)")
+    parser.add_argument("--ks", type=int, nargs="+", default=[100, 300, 500],
+                        help="numbers of clusters K (SPEC 6.c.5). K == number of classes uses Hungarian matching, "
+                             "other K many-to-one by precision (6.c.7)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                        help="k-means seeds; the paper reports the mean over 5 (SPEC 6.c.8)")
+    parser.add_argument("--mask-size", type=int, default=100,
+                        help="masks and cluster maps are compared at this size, nearest (SPEC 6.c.2, 6.c.6: 100)")
+    parser.add_argument("--pca-dim", type=int, default=50,
+                        help="PCA dimensions after standardisation (SPEC 6.c.4: 50); 0 disables the PCA")
+    parser.add_argument("--iterations", type=int, default=100, help="Lloyd iterations per run (faiss niter, SPEC 6.c.5)")
+    parser.add_argument("--restarts", type=int, default=5,
+                        help="k-means restarts keeping the lowest objective (faiss nredo, SPEC 6.c.5)")
+    parser.add_argument("--output-json", default="output/eval_cluster.json",
+                        help="where to write the results (protocol, mean/std per K, per-seed per-class IoU)")
+    return parser
+
+
+def main(args):
+    """Run the overclustering protocol for the arguments; returns the JSON-ready result dict."""
+    device = resolve_device(args.device)
+    backbone, description = build_frozen_backbone(args.pretrained, args.arch, args.patch_size, device,
+                                                  args.init_seed)
+    dataset, num_classes, files = build_split(args, args.split, max_images=args.max_images)
+    start = time.perf_counter()
+    extracted = extract_features(backbone, dataset, batch_size=args.batch_size or 16, device=device,
+                                 num_workers=args.num_workers, mask_size=args.mask_size)
+    extract_s = time.perf_counter() - start
+    n, h, w, dim = extracted["features"].shape
+    print(f"extracted {n} x {h}x{w} tokens of dim {dim} in {extract_s:.1f} s ({n / extract_s:.2f} images/s)")
+    start = time.perf_counter()
+    results = overcluster(extracted["features"], extracted["masks"], num_classes, ks=args.ks, seeds=args.seeds,
+                          mask_size=args.mask_size, pca_dim=args.pca_dim or None, device=device,
+                          iterations=args.iterations, restarts=args.restarts)
+    cluster_s = time.perf_counter() - start
+    protocol = {"checkpoint": description, "dataset": args.dataset, "data_root": args.data_root, "split": args.split,
+                "num_images": n, "num_classes": num_classes, "input_size": args.input_size, "token_grid": [h, w],
+                "mask_size": args.mask_size, "pca_dim": args.pca_dim, "seeds": list(args.seeds),
+                "iterations": args.iterations, "restarts": args.restarts, "max_points_per_centroid": 256,
+                "extract_seconds": extract_s, "cluster_seconds": cluster_s, "device": str(device)}
+    print("protocol: " + ", ".join(f"{k} {v}" for k, v in protocol.items() if k not in ("extract_seconds",
+                                                                                        "cluster_seconds")))
+    print(f"{'K':>6} {'matching':>22} {'mIoU mean':>10} {'std':>7}  per seed")
+    for k, r in results.items():
+        seeds = " ".join(f"{100 * m:.2f}" for m in r["miou"])
+        print(f"{k:>6} {r['matching']:>22} {100 * r['mean']:>10.2f} {100 * r['std']:>7.2f}  {seeds}")
+    report = {"protocol": protocol, "results": {str(k): v for k, v in results.items()}, "files": files}
+    if args.output_json:
+        write_json(report, args.output_json)
+        print(f"wrote {args.output_json}")
+    return report
+
+
+if __name__ == "__main__":
+    arguments = get_args_parser().parse_args()
+    try:
+        main(arguments)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"eval_cluster.py: error: {error}")
