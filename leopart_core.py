@@ -201,26 +201,27 @@ class VisionTransformer(nn.Module):
 
 
 def vit_tiny(patch_size=16, **kw):
-    return VisionTransformer(patch_size=patch_size, embed_dim=192, depth=12, num_heads=3, **kw)
+    return VisionTransformer(**{"patch_size": patch_size, "embed_dim": 192, "depth": 12, "num_heads": 3, **kw})
 
 
 def vit_small(patch_size=16, **kw):
-    return VisionTransformer(patch_size=patch_size, embed_dim=384, depth=12, num_heads=6, **kw)
+    return VisionTransformer(**{"patch_size": patch_size, "embed_dim": 384, "depth": 12, "num_heads": 6, **kw})
 
 
 def vit_base(patch_size=16, **kw):
-    return VisionTransformer(patch_size=patch_size, embed_dim=768, depth=12, num_heads=12, **kw)
+    return VisionTransformer(**{"patch_size": patch_size, "embed_dim": 768, "depth": 12, "num_heads": 12, **kw})
 
 
-def dinov2_vits14(num_register_tokens=0, **kw):
-    """DINOv2 ViT-S/14 as on torch.hub: 518-px (37x37) position table, LayerScale, `mask_token`."""
-    return VisionTransformer(img_size=518, patch_size=14, embed_dim=384, depth=12, num_heads=6, layerscale_init=1.0,
-                             num_register_tokens=num_register_tokens, mask_token=True, **kw)
+def dinov2_vits14(**kw):
+    """DINOv2 ViT-S/14 as on torch.hub: 518-px (37x37) position table, LayerScale, `mask_token`; registers with
+    `num_register_tokens=4`."""
+    return VisionTransformer(**{"img_size": 518, "patch_size": 14, "embed_dim": 384, "depth": 12, "num_heads": 6,
+                                "layerscale_init": 1.0, "mask_token": True, **kw})
 
 
-def dinov2_vitb14(num_register_tokens=0, **kw):
-    return VisionTransformer(img_size=518, patch_size=14, embed_dim=768, depth=12, num_heads=12, layerscale_init=1.0,
-                             num_register_tokens=num_register_tokens, mask_token=True, **kw)
+def dinov2_vitb14(**kw):
+    return VisionTransformer(**{"img_size": 518, "patch_size": 14, "embed_dim": 768, "depth": 12, "num_heads": 12,
+                                "layerscale_init": 1.0, "mask_token": True, **kw})
 
 
 ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base,
@@ -345,8 +346,11 @@ def load_pretrained(model, path_or_url):
     """Load a checkpoint's ViT backbone into `model` strictly (SPEC 9); returns the detected format name."""
     state, fmt = backbone_state_dict(read_checkpoint(path_or_url))
     what = f"{path_or_url} ({fmt})"
-    if "cls_token" in state and "patch_embed.proj.weight" in state and "pos_embed" in state:
-        what += f", a {describe_vit(vit_config_from_state_dict(state))}"
+    try:
+        what += f", a {describe_vit(vit_config_from_state_dict(state))}, into a " \
+                f"{describe_vit(vit_config_from_state_dict(model.state_dict()))}"
+    except KeyError:  # an incomplete backbone: the key lists below say what is missing
+        pass
     load_state_strict(model, state, what)
     return fmt
 
@@ -386,3 +390,336 @@ def export_backbone(model, path):
     """Write a plain DINO-layout backbone state dict (of the student, for a Leopart module)."""
     backbone = model.student.backbone if isinstance(model, Leopart) else model
     atomic_save({k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sinkhorn-Knopp (SPEC 3.1, 3.2)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def sinkhorn(scores, epsilon=0.05, iterations=3):
+    """Optimal soft assignments of M tokens to K prototypes (SwAV's Sinkhorn-Knopp, as Leopart runs it).
+
+    scores (M, K) similarities -> (M, K) float32 assignments whose rows sum to 1. Q = exp(scores / eps) is scaled to
+    total mass 1, then `iterations` times each prototype's mass is set to 1/K and each token's to 1/M; finally rows
+    are renormalised to 1 (SPEC 3.1). The loop ends on a token step, so prototype marginals are only approximate,
+    as in the original. Each prototype's maximum score is subtracted before exp: a per-prototype factor on Q that
+    the first prototype step divides out exactly, so the result is the original's without its overflow for
+    |scores| / eps > 88 (a token row could still underflow if its scores spanned more than 87 eps, which cosine
+    scores cannot). Under torch.distributed the maxima, the total mass, the prototype masses and M are all-reduced
+    (SPEC 3.2), so every rank gets the rows it would get from one process holding all ranks' rows.
+    """
+    logits = scores.float() / epsilon
+    distributed = _distributed()
+    peak = logits.max(dim=0).values
+    if distributed:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    Q = torch.exp(logits - peak)
+    total = Q.sum()
+    num_tokens = torch.tensor(float(Q.shape[0]), device=Q.device)
+    if distributed:
+        dist.all_reduce(total)
+        dist.all_reduce(num_tokens)
+    Q /= total
+    num_prototypes = Q.shape[1]
+    tiny = torch.finfo(Q.dtype).tiny  # an all-zero row or column stays zero instead of becoming NaN
+    for _ in range(iterations):
+        prototype_mass = Q.sum(dim=0)
+        if distributed:
+            dist.all_reduce(prototype_mass)
+        Q *= (1.0 / num_prototypes) / prototype_mass.clamp_min(tiny)
+        Q *= (1.0 / num_tokens) / Q.sum(dim=1, keepdim=True).clamp_min(tiny)
+    return Q / Q.sum(dim=1, keepdim=True).clamp_min(tiny)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Foreground mask from the CLS attention (SPEC 4.3; paper Sec. 3.1 "Foreground-focused clustering")
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def foreground_mask(cls_attention, grid, mass=0.6, blur_sigma=0.6):
+    """Binary foreground A_b from the CLS attention: cls_attention (B, heads, h*w), grid (h, w) -> (B, 1, h, w) 0/1.
+
+    Mean over heads; 7x7 Gaussian blur (sigma 0.6, reflect padding); keep the highest tokens holding `mass` of the
+    attention (sorted ascending, normalised cumsum > 1 - mass, strictly; DINO's visualisation rule); then drop
+    8-connected components of at most 2 pixels, a step of the original that the paper does not mention (SPEC 4.3).
+    """
+    B, heads, N = cls_attention.shape
+    h, w = grid
+    if h * w != N:
+        raise ValueError(f"attention over {N} tokens does not fit the grid {h}x{w}")
+    attention = cls_attention.float()
+    merged = sum(attention[:, i] / heads for i in range(heads))  # the original's head mean, summed in this order
+    blurred = gaussian_blur(merged.reshape(B, 1, h, w), kernel_size=[7, 7], sigma=[blur_sigma, blur_sigma])
+    values, order = blurred.flatten(1).sort(dim=1)
+    values = values / values.sum(dim=1, keepdim=True)
+    keep_sorted = (values.cumsum(dim=1) > 1 - mass).float()
+    fg = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted).reshape(B, 1, h, w)
+    return drop_tiny_components(fg)
+
+
+def drop_tiny_components(mask):
+    """Zero the 8-connected components of at most 2 pixels in a 0/1 mask (B, 1, h, w).
+
+    A pixel lies in such a component iff it has no 8-neighbour, or exactly one neighbour that itself has exactly
+    one: exact, and needs no iterative labelling.
+    """
+    ring = torch.ones(1, 1, 3, 3, device=mask.device, dtype=mask.dtype)
+    ring[0, 0, 1, 1] = 0
+    neighbours = F.conv2d(mask, ring, padding=1) * mask
+    single = mask * (neighbours == 1)
+    paired = single * (F.conv2d(single, ring, padding=1) == 1)
+    return mask - mask * (neighbours == 0) - paired
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Leopart loss, Eq. (1)-(2), with RoI-Align as the alignment operator alpha (SPEC 4.2, 4.3)
+# ----------------------------------------------------------------------------------------------------------------
+
+def align(maps, boxes, patch_size, roi_size):
+    """alpha_B: RoI-Align each map over its boxes. maps (B, C, h, w); boxes (B, n, 4) as (x1, y1, x2, y2) in pixels
+    of the crop's resized frame -> (B, n, C, roi, roi). `aligned=True`: token i covers [i, i+1) in token units."""
+    B, n = boxes.shape[:2]
+    index = torch.arange(B, device=maps.device, dtype=maps.dtype).repeat_interleave(n)[:, None]
+    rois = torch.cat([index, boxes.reshape(-1, 4).to(maps.dtype) / patch_size], dim=1)
+    out = roi_align(maps, rois, output_size=roi_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return out.view(B, n, *out.shape[1:])
+
+
+def leopart_loss(student_scores, target_assignments, boxes_gc, boxes_all, fg_masks=None, temperature=0.1,
+                 patch_size=16, roi_size=7):
+    """The swapped dense prediction loss, Eq. (1)-(2), as the original computes it (SPEC 4.2-4.3).
+
+    student_scores: V tensors (B, K, h_v, w_v), the student's prototype scores Z^T C, global crops first.
+    target_assignments: G tensors (B, K, H, W), Sinkhorn assignments Q of the teacher's global crops.
+    boxes_gc (B, G, V, 4): intersection of global crop g with crop v in g's resized frame (pixels); boxes_all
+    (B, V, G, 4): the same intersection in v's frame (SPEC 1.4). fg_masks: G 0/1 masks (B, 1, H, W) or None.
+
+    For every target crop g and predicting crop v != g: l(v, g) = H[softmax(alpha(Z_v^T C) / tau), alpha(Q_g)],
+    the cross-entropy per aligned cell, averaged over cells (weighted by the aligned mask of g, which keeps only
+    cells that are entirely foreground: RoI-Align value >= 1.0). The total is the mean over the G (V - 1) pairs:
+    the original averages where Eq. (1) sums, and a pair whose aligned mask is empty adds 0 but still counts.
+    Logits are aligned before the softmax. Computed in float32.
+    """
+    G, V = len(target_assignments), len(student_scores)
+    # targets[b, g, v]: Q_g aligned to its intersection with crop v; predictions[b, v, g]: crop v's logits there
+    targets = torch.stack([align(q.float(), boxes_gc[:, g], patch_size, roi_size)
+                           for g, q in enumerate(target_assignments)], dim=1)
+    predictions = torch.stack([align(s.float(), boxes_all[:, v], patch_size, roi_size)
+                               for v, s in enumerate(student_scores)], dim=1)
+    log_p = F.log_softmax(predictions / temperature, dim=3)
+    cross_entropy = -(targets.transpose(1, 2) * log_p).sum(dim=3)  # (B, V, G, roi, roi)
+    if fg_masks is None:
+        weights = torch.ones_like(cross_entropy)
+    else:
+        aligned_masks = torch.stack([align(m.float(), boxes_gc[:, g], patch_size, roi_size)[:, :, 0]
+                                     for g, m in enumerate(fg_masks)], dim=1)  # (B, G, V, roi, roi)
+        weights = (aligned_masks >= 1.0).float().transpose(1, 2)
+    cell_sum = (cross_entropy * weights).sum(dim=(0, 3, 4))  # (V, G)
+    pair_loss = cell_sum / weights.sum(dim=(0, 3, 4)).clamp_min(1.0)  # an empty pair is 0 and stays in the graph
+    off_diagonal = ~torch.eye(V, G, dtype=torch.bool, device=pair_loss.device)
+    return pair_loss[off_diagonal].sum() / (G * (V - 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Projection head g, prototypes C, and the student / teacher networks (SPEC 2.2, 2.3)
+# ----------------------------------------------------------------------------------------------------------------
+
+def projection_head(in_dim, hidden_dim=2048, out_dim=256, num_layers=3):
+    """g: Linear-GELU-...-Linear, D -> 2048 -> 2048 -> 256; no norm layers. Its output is L2-normalised by the
+    caller (the bottleneck of Sec. 3.1)."""
+    dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+    layers = []
+    for i in range(num_layers):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < num_layers - 1:
+            layers.append(nn.GELU())
+    head = nn.Sequential(*layers)
+    for m in head:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    return head
+
+
+class LeopartNetwork(nn.Module):
+    """Backbone f, projection head g and prototypes C of one network (student or teacher).
+
+    `forward(crops)`: V crops (B, 3, s_v, s_v) -> list of V dicts with `emb` (B, N_v, d), the L2-normalised
+    Z = g(f(x)), and `scores` (B, N_v, K) = Z^T C, plus `attention` (B, heads, N_v) when asked. Consecutive crops
+    of one size share a backbone call. With `bf16`, autocast covers backbone and head; the normalisation and the
+    prototype scores stay in float32, since Sinkhorn divides them by epsilon = 0.05.
+    """
+
+    def __init__(self, backbone, num_prototypes=300, hidden_dim=2048, projection_dim=256, head_layers=3,
+                 bf16=False):
+        super().__init__()
+        self.backbone = backbone
+        self.projection_head = projection_head(backbone.embed_dim, hidden_dim, projection_dim, head_layers)
+        self.prototypes = nn.Linear(projection_dim, num_prototypes, bias=False)
+        nn.init.trunc_normal_(self.prototypes.weight, std=0.02)
+        self.bf16 = bf16
+
+    @torch.no_grad()
+    def normalize_prototypes(self):
+        """Rows of C to unit norm, so Z^T C are cosine similarities (SPEC 2.2: at the start of every step)."""
+        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    def forward(self, crops, return_attention=False):
+        groups = []  # runs of consecutive equal-size crops, e.g. [globals], [locals]
+        for i, crop in enumerate(crops):
+            if groups and crops[groups[-1][0]].shape[-2:] == crop.shape[-2:]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        device_type = crops[0].device.type
+        outputs = []
+        for group in groups:
+            x = torch.cat([crops[i] for i in group])
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
+                result = self.backbone(x, return_attention=return_attention)
+                tokens, attention = result if return_attention else (result, None)
+                z = self.projection_head(tokens)
+            with torch.autocast(device_type, enabled=False):
+                emb = F.normalize(z.float(), dim=-1)
+                scores = emb @ self.prototypes.weight.float().t()
+            for j, chunk in enumerate(zip(emb.chunk(len(group)), scores.chunk(len(group)))):
+                out = dict(emb=chunk[0], scores=chunk[1])
+                if attention is not None:
+                    out["attention"] = attention.chunk(len(group))[j].float()
+                outputs.append(out)
+        return outputs
+
+
+def to_map(rows, size, patch_size):
+    """(B, N, K) token rows of a crop of `size` (h, w) pixels -> (B, K, h/P, w/P) map."""
+    B, _, K = rows.shape
+    return rows.transpose(1, 2).reshape(B, K, size[0] // patch_size, size[1] // patch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Leopart: student, EMA teacher, queue, targets and loss (Sec. 3.1; SPEC 2.3, 3, 4)
+# ----------------------------------------------------------------------------------------------------------------
+
+class Leopart(nn.Module):
+    """Self-supervised fine-tuning of a ViT's spatial tokens by dense swapped cluster prediction.
+
+    `forward(crops, boxes)` -> scalar loss. crops: V tensors (B, 3, s, s), the G global crops first; boxes:
+    `{"gc": (B, G, V, 4), "all": (B, V, G, 4)}` (SPEC 1.4). One step: normalise the prototypes; the teacher
+    encodes the global crops (with its CLS attention when the loss is masked); the student encodes all crops;
+    Sinkhorn turns each global crop's teacher scores (with the queue prepended) into targets Q_g; the queue takes
+    this step's foreground teacher embeddings; the loss is Eq. (1)-(2) under the foreground mask.
+
+    Only the student requires gradients, so wrapping this module in DistributedDataParallel all-reduces exactly the
+    student's gradients. Call `update_teacher(momentum)` after backward and before the optimizer step (SPEC 2.3).
+
+    Options cover the paper's ablations (Table 1): loss_mask fg / all / bg, the crop numbers (given by the crops
+    passed), use_teacher (teacher=None: the student makes its own targets), num_prototypes, queue_length.
+    """
+
+    def __init__(self, student_backbone, teacher_backbone=None, num_prototypes=300, hidden_dim=2048,
+                 projection_dim=256, head_layers=3, num_global_crops=2, temperature=0.1, epsilon=0.05,
+                 sinkhorn_iterations=3, loss_mask="fg", fg_mass=0.6, queue_length=8192, roi_size=7,
+                 teacher_head_init="independent", bf16=False):
+        super().__init__()
+        if loss_mask not in ("fg", "all", "bg"):
+            raise ValueError(f"loss_mask must be fg, all or bg, not {loss_mask!r}")
+        if teacher_head_init not in ("independent", "copy"):
+            raise ValueError(f"teacher_head_init must be independent or copy, not {teacher_head_init!r}")
+        head = dict(num_prototypes=num_prototypes, hidden_dim=hidden_dim, projection_dim=projection_dim,
+                    head_layers=head_layers, bf16=bf16)
+        self.student = LeopartNetwork(student_backbone, **head)
+        self.teacher = None
+        if teacher_backbone is not None:
+            # The original builds the teacher separately: its head and prototypes start from their own random
+            # init and reach the student's only through the EMA (SPEC 8.1). "copy" starts them equal instead.
+            self.teacher = LeopartNetwork(teacher_backbone, **head)
+            if teacher_head_init == "copy":
+                self.teacher.load_state_dict(self.student.state_dict())
+            self.teacher.requires_grad_(False)
+        self.patch_size = student_backbone.patch_size
+        self.num_global_crops, self.temperature, self.roi_size = num_global_crops, temperature, roi_size
+        self.epsilon, self.sinkhorn_iterations = epsilon, sinkhorn_iterations
+        self.loss_mask, self.fg_mass = loss_mask, fg_mass
+        world_size = dist.get_world_size() if _distributed() else 1
+        # One FIFO per global crop and per rank, holding the past teacher embeddings (SPEC 3.3).
+        self.register_buffer("queue", torch.zeros(num_global_crops, queue_length // world_size, projection_dim))
+
+    @torch.no_grad()
+    def normalize_prototypes(self):
+        for network in (self.student, self.teacher):
+            if network is not None:
+                network.normalize_prototypes()
+
+    @torch.no_grad()
+    def update_teacher(self, momentum):
+        """theta_T <- m theta_T + (1 - m) theta_S for all of backbone, head and prototypes (SPEC 2.3)."""
+        if self.teacher is None:
+            return
+        teacher = list(self.teacher.parameters())
+        student = [p.detach() for p in self.student.parameters()]
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+
+    @torch.no_grad()
+    def targets(self, teacher_out, fg_masks, grid):
+        """Sinkhorn targets Q_g (B, K, h, w) for each global crop g on its (h, w) token grid, then push crop g's
+        foreground embeddings into the queue.
+
+        The queue rows are scored with the student's prototypes, the batch with the teacher's (SPEC 3.1, as the
+        original); the queue is used once it has been filled, and filled only after this step's scores are built.
+        """
+        targets = []
+        prototypes = self.student.prototypes.weight.float()
+        for g, out in enumerate(teacher_out):
+            B, N, K = out["scores"].shape
+            scores = out["scores"].reshape(B * N, K)
+            queue = self.queue[g] if self.queue.shape[1] else None
+            if queue is not None and queue[-1].any():
+                scores = torch.cat([queue @ prototypes.t(), scores])
+            assignments = sinkhorn(scores, self.epsilon, self.sinkhorn_iterations)[-B * N:]
+            targets.append(to_map(assignments.view(B, N, K), grid, 1))
+            if queue is not None:
+                emb = out["emb"].reshape(B * N, -1)
+                if fg_masks is not None:  # store only the tokens the loss trains on (inverted for loss_mask bg)
+                    emb = emb[fg_masks[g].reshape(B * N) > 0]
+                # 10 B random rows, as the original; fewer when fewer are foreground (the original crashes there)
+                count = min(10 * B, queue.shape[0], emb.shape[0])
+                picked = emb[torch.randperm(emb.shape[0], device=emb.device)[:count]]
+                queue.copy_(torch.cat([picked.to(queue.dtype), queue[:queue.shape[0] - count]]))
+        return targets
+
+    def forward(self, crops, boxes):
+        G = self.num_global_crops
+        if self.training:
+            self.normalize_prototypes()
+        masked = self.loss_mask != "all"
+        grid = crops[0].shape[-2] // self.patch_size, crops[0].shape[-1] // self.patch_size
+        with torch.no_grad():
+            target_network = self.teacher if self.teacher is not None else self.student
+            teacher_out = target_network(crops[:G], return_attention=masked)
+        student_out = self.student(crops)
+        fg_masks = None
+        if masked:
+            attention = torch.cat([out["attention"] for out in teacher_out])
+            fg = foreground_mask(attention, grid, self.fg_mass)
+            if self.loss_mask == "bg":
+                fg = 1.0 - fg
+            fg_masks = list(fg.chunk(G))
+        targets = self.targets(teacher_out, fg_masks, grid)
+        student_scores = [to_map(out["scores"], crop.shape[-2:], self.patch_size)
+                          for out, crop in zip(student_out, crops)]
+        return leopart_loss(student_scores, targets, boxes["gc"], boxes["all"], fg_masks, self.temperature,
+                            self.patch_size, self.roi_size)
+
+
+def cosine_schedule(base, final, epochs, iters_per_epoch):
+    """Per-iteration values final + (base - final)(1 + cos(pi t / T)) / 2, t = 0 .. T - 1 (SPEC 10.6): learning
+    rates (final 0), weight decay (0.04 -> 0.5), teacher momentum (0.9995 -> 1)."""
+    total = epochs * iters_per_epoch
+    t = torch.arange(total, dtype=torch.float64)
+    return final + 0.5 * (base - final) * (1 + torch.cos(math.pi * t / total))
