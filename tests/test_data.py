@@ -30,7 +30,7 @@ def voc_palette():
 
 
 def save_palette_png(path, labels):
-    img = Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="P")
+    img = Image.fromarray(np.asarray(labels, dtype=np.uint8))
     img.putpalette(voc_palette())
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
@@ -161,7 +161,7 @@ def coordinate_images(width, height):
     """Two float ('F') images holding each pixel centre's x and y coordinate."""
     xs = np.broadcast_to(np.arange(width, dtype=np.float32) + 0.5, (height, width)).copy()
     ys = np.broadcast_to(np.arange(height, dtype=np.float32)[:, None] + 0.5, (height, width)).copy()
-    return Image.fromarray(xs, mode="F"), Image.fromarray(ys, mode="F")
+    return Image.fromarray(xs), Image.fromarray(ys)
 
 
 @pytest.mark.parametrize("width,height", [(400, 300), (257, 511)])
@@ -232,7 +232,7 @@ def test_eval_transform_reads_palette_indices():
     labels = np.zeros((30, 40), np.uint8)
     labels[:, 20:] = 15
     labels[0, :] = 255
-    mask = Image.fromarray(labels, mode="P")
+    mask = Image.fromarray(labels)
     mask.putpalette(voc_palette())
     img = Image.new("RGB", (40, 30), (255, 255, 255))
     x, m = data.EvalTransform(16)(img, mask)
@@ -250,7 +250,7 @@ def test_joint_train_transform_keeps_image_and_mask_aligned():
     torch.manual_seed(0)
     flips = set()
     for _ in range(8):
-        x, m = t(Image.fromarray(rgb), Image.fromarray(labels, mode="L"))
+        x, m = t(Image.fromarray(rgb), Image.fromarray(labels))
         assert x.shape == (3, 32, 32) and m.shape == (32, 32) and set(m.unique().tolist()) <= {1, 2}
         bright = x[0] > 0
         assert (bright == (m == 2)).float().mean() > 0.9
@@ -359,8 +359,8 @@ def make_coco(root, n_train=30):
         for i in range(n):
             name = f"{i:012d}"
             save_jpg(root / "coco" / "images" / f"{split}2017" / f"{name}.jpg", 30, 20, seed=i)
-            Image.fromarray(stuff_raw, mode="L").save(_mkdir(stuff / f"stuff_{split}2017_pixelmaps") / f"{name}.png")
-            Image.fromarray(thing_raw, mode="L").save(_mkdir(pano / f"semantic_segmentation_{split}2017") / f"{name}.png")
+            Image.fromarray(stuff_raw).save(_mkdir(stuff / f"stuff_{split}2017_pixelmaps") / f"{name}.png")
+            Image.fromarray(thing_raw).save(_mkdir(pano / f"semantic_segmentation_{split}2017") / f"{name}.png")
     return stuff, pano
 
 
@@ -381,7 +381,7 @@ def test_coco_stuff_and_thing_label_mappings(tmp_path):
     assert x.shape == (3, 20, 20) and set(m.unique().tolist()) == {0, 1, 2, 255}
     bad = np.full((20, 30), 1, np.uint8)
     bad[0, 0] = 50
-    Image.fromarray(bad, mode="L").save(pano / "semantic_segmentation_val2017" / f"{0:012d}.png")
+    Image.fromarray(bad).save(pano / "semantic_segmentation_val2017" / f"{0:012d}.png")
     with pytest.raises(ValueError, match=r"000000000000\.png.*\[50\]"):
         ds[0]
 
@@ -456,7 +456,7 @@ def test_labelled_folder(tmp_path):
         labels = np.full((20, 30), k, np.uint8)
         labels[:6] = 255
         _mkdir(tmp_path / "labels")
-        Image.fromarray(labels, mode="L").save(tmp_path / "labels" / f"{name}.png")
+        Image.fromarray(labels).save(tmp_path / "labels" / f"{name}.png")
     (tmp_path / "val.txt").write_text("q\np\n")
     ds = data.build_eval_dataset("folder", tmp_path, "val", size=10, num_classes=2)
     assert ds.num_classes == 2 and ds.files[0].endswith("q.jpg") and set(ds[0][1].unique().tolist()) == {1, 255}
