@@ -37,7 +37,7 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_dataset
-from eval_cluster import compute_miou, extract_features, kmeans, overcluster, pca, standardize
+from eval_cluster import _assign, compute_miou, extract_features, kmeans, overcluster, pca, standardize
 from leopart_core import foreground_mask, load_backbone
 
 IGNORE_INDEX = 255
@@ -295,23 +295,21 @@ def merge_clusters(cluster_maps, communities):
 def evaluate_communities(gt, merged, num_classes):
     """Hungarian mIoU of merged maps per Infomap run, and the mean (SPEC 6.d step 13).
 
-    gt (N, H, W) labels with 255 = void (excluded); merged (R, N, H, W) community ids, 0 for clusters outside the
+    gt (N, H, W) labels with 255 = void (left out); merged (R, N, H, W) community ids, 0 for clusters outside the
     graph. The original asserted at most num_classes ids; here more ids are evaluated all the same (Hungarian
     matching leaves the extra ones unmatched, i.e. background) and reported in `warnings`.
-    Returns dict: miou (mean over runs), miou_per_run, runs [dict(miou, tp, fp, fn, num_ids, reordered)], warnings.
+    Returns dict: miou (mean over runs), miou_per_run, runs [compute_miou's dict + num_ids], warnings.
     """
     gt = torch.as_tensor(gt)
     valid = gt != IGNORE_INDEX
     runs, notes = [], []
     for run, maps in enumerate(torch.as_tensor(merged)):
-        pred = maps[valid]
-        num_ids = len(pred.unique())
-        num_pred = max(num_classes, int(pred.max()) + 1 if pred.numel() else 0)
+        num_ids = len(maps[valid].unique())
         if num_ids > num_classes:
-            notes.append(f"run {run}: more communities than classes ({num_ids} ids incl. 0 for {num_classes} "
+            notes.append(f"run {run}: more communities than classes ({num_ids} ids including 0, for {num_classes} "
                          "classes); the extra communities stay unmatched (background) in the Hungarian matching")
-        result = compute_miou(gt[valid].numpy(), pred.numpy(), num_classes, num_pred, "hungarian")
-        runs.append(dict(result, num_ids=num_ids))
+        num_pred = max(num_classes, int(maps.max()) + 1)
+        runs.append(dict(compute_miou(gt, maps, num_classes, num_pred, "hungarian"), num_ids=num_ids))
     per_run = [float(r["miou"]) for r in runs]
     return dict(miou=float(np.mean(per_run)), miou_per_run=per_run, runs=runs, warnings=notes)
 
@@ -449,3 +447,367 @@ def boundary_f1(gt, pred_fg, threshold=16, paper_compatible=False):
 def _check_ids(maps, num_clusters, what):
     if maps.numel() and (int(maps.min()) < 0 or int(maps.max()) >= num_clusters):
         raise ValueError(f"{what} hold ids in [{int(maps.min())}, {int(maps.max())}], expected [0, {num_clusters})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Features, clustering and the foreground hint (SPEC 6.d steps 2-4, 8)
+# ----------------------------------------------------------------------------------------------------------------
+
+def foreground_hint(attention, grid, mass):
+    """Noisy foreground hint A_b (paper 3.2.1): attention (N, heads, h*w) -> (N, h, w) uint8 0/1.
+
+    `leopart_core.foreground_mask`: head mean, 7x7 Gaussian blur, the tokens holding `mass` of the attention,
+    components of <= 2 tokens dropped. The paper keeps 60%; the original's own stored masks used 65% (SPEC 6.d step
+    4, golden 3b), and the DINO masks it downloaded are of unknown mass.
+    """
+    return foreground_mask(attention, grid, mass=mass)[:, 0].to(torch.uint8)
+
+
+def foreground_clustering(features, fg_masks, k, seed, device=None, iterations=100, restarts=5,
+                          max_points_per_centroid=256):
+    """k-means of the foreground pixels only (`cluster_all(mask, interpolate_embeddings=True)`, SPEC 6.d step 8).
+
+    features (N, h, w, d) PCA features on the token grid; fg_masks (N, E, E) 0/1 at the evaluation size E.
+    The original nearest-upsamples the features to E x E and clusters the foreground pixels (faiss trains on
+    k * 256 of them, then assigns all). Nearest upsampling only copies token features, so the same is done without
+    the upsampled tensor: the training rows are drawn among the foreground pixels (each the copy of its token), and
+    every token is assigned to its nearest centroid and upsampled. Returns (N, E, E) int64: the cluster of every
+    foreground pixel, k for the background.
+    """
+    n, h, w, dim = features.shape
+    fg_masks = torch.as_tensor(fg_masks)
+    size = fg_masks.shape[-1]
+    token_of_pixel = resize_nearest(torch.arange(h * w).reshape(1, h, w), size)[0]
+    images, rows, cols = torch.nonzero(fg_masks, as_tuple=True)
+    if len(images) < k:
+        raise ValueError(f"only {len(images)} foreground pixels at {size}x{size} for k={k} foreground clusters; "
+                         "use a smaller --k-community or more images")
+    pixel_tokens = images * (h * w) + token_of_pixel[rows, cols]
+    budget = k * max_points_per_centroid
+    if len(pixel_tokens) > budget:
+        pick = torch.randperm(len(pixel_tokens), generator=torch.Generator().manual_seed(seed))[:budget]
+        pixel_tokens = pixel_tokens[pick]
+    flat = features.reshape(n * h * w, dim)
+    centroids, _, _ = kmeans(flat[pixel_tokens], k, iterations=iterations, restarts=restarts, seed=seed,
+                             device=device, max_points_per_centroid=max_points_per_centroid)
+    token_ids, _ = _assign(flat, centroids, False, max(1, (1 << 24) // k))
+    maps = resize_nearest(token_ids.cpu().reshape(n, h, w), size)
+    maps[fg_masks == 0] = k
+    return maps
+
+
+def cbfe_target(mode, gt_train, hint_train):
+    """The maps that score the CBFE cuts (SPEC 6.d step 6): the train GT for `paper`, the hint for `label-free`.
+
+    The paper's rule uses train labels (SPEC 8 item 11); the label-free rule runs the same search against the
+    noisy hint itself, i.e. it keeps the cut whose cluster mask best reproduces the hint's foreground, so no label
+    is read anywhere.
+    """
+    if mode == "label-free":
+        return hint_train
+    if mode != "paper":
+        raise ValueError(f"--fg-threshold must be 'label-free' or 'paper', got {mode!r}")
+    if not has_labels(gt_train):
+        raise ValueError("--fg-threshold paper chooses the CBFE threshold with train labels, but the train split "
+                         "has no labelled pixel (all 255); use --fg-threshold label-free or a labelled --train-split")
+    return gt_train
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs: PNG panels (paper Figures 3 and 4) and the community network
+# ----------------------------------------------------------------------------------------------------------------
+
+def voc_palette(n=256):
+    """The PASCAL VOC colour map (n, 3) uint8 (class 0 black), also used for cluster and community ids."""
+    palette = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette[i] = (r, g, b)
+    return palette
+
+
+def save_panel(path, image, cluster_map, fg_mask, segmentation, num_clusters, palette):
+    """PNG: image | foreground cluster map | CBFE mask | final segmentation, side by side at the image size.
+
+    image (3, S, S) ImageNet-normalised; cluster_map (E, E) ids with num_clusters = background (black);
+    fg_mask (E, E) 0/1; segmentation (E, E) class ids (or community ids without labels), VOC colours.
+    """
+    size = image.shape[-1]
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    up = lambda m: resize_nearest(torch.as_tensor(m)[None].long(), size)[0].numpy()
+    clusters = up(cluster_map)
+    cluster_rgb = np.where((clusters == num_clusters)[..., None], 0, palette[1 + clusters % 255])
+    mask_rgb = np.repeat((up(fg_mask) != 0)[..., None] * np.uint8(255), 3, axis=2)
+    seg_rgb = palette[up(segmentation) % 256]
+    gap = np.full((size, 4, 3), 255, dtype=np.uint8)
+    panel = np.concatenate([rgb, gap, cluster_rgb, gap, mask_rgb, gap, seg_rgb], axis=1).astype(np.uint8)
+    Image.fromarray(panel).save(path)
+
+
+def network_json(matrix, edges, communities, codelengths, seeds, node_pixels, background):
+    """The community network (paper Figure 5) as a JSON-ready dict: nodes, edges, communities per Infomap run."""
+    in_graph = {i for edge in edges for i in edge[:2]}
+    nodes = [dict(id=i, pixels=int(node_pixels[i]), background=i == background, in_graph=i in in_graph,
+                  community=int(communities[0][i]) if len(communities) else -1) for i in range(len(node_pixels))]
+    return dict(
+        nodes=nodes,
+        edges=[dict(source=i, target=j, weight=w, p_target_given_source=float(matrix[i, j]),
+                    p_source_given_target=float(matrix[j, i])) for i, j, w in edges],
+        communities=[dict(seed=int(seed), codelength=codelength, num_communities=len(set(c[c > 0].tolist())),
+                          assignment=[int(v) for v in c]) for seed, codelength, c in
+                     zip(seeds, codelengths, communities)],
+        note="community -1: the cluster is in no edge and merges into 0 (with the background, usually)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+def extract_split(backbone, dataset, args, device):
+    """Tokens, attention (N, heads, h*w) and uint8 masks (N, S, S) of one split (SPEC 6.d steps 1-2)."""
+    out = extract_features(backbone, dataset, batch_size=args.batch_size, device=device,
+                           num_workers=args.num_workers, return_attention=True)
+    out["masks"] = out["masks"].to(torch.uint8)
+    return out
+
+
+def table7_metrics(gt, fg, bf_threshold):
+    """Foreground Jaccard (void as foreground) and boundary F1, correct and paper-compatible (SPEC 6.e)."""
+    fg = resize_nearest(torch.as_tensor(fg), gt.shape[-1])
+    return dict(jaccard=eval_jac(gt, fg),
+                bf1=boundary_f1(gt.numpy(), fg.numpy(), bf_threshold)[1],
+                bf1_paper_compatible=boundary_f1(gt.numpy(), fg.numpy(), bf_threshold, paper_compatible=True)[1])
+
+
+def run(args):
+    """Run the pipeline of SPEC 6.d with the arguments of `get_args_parser`; returns and writes results.json."""
+    for name in ("k_fg_extraction", "k_community", "num_runs", "eval_size", "input_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    device = torch.device(args.device)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notes = []
+    log = lambda msg: print(msg, flush=True)
+
+    train_set = build_eval_dataset(args.dataset, args.data_root, args.train_split, size=args.input_size)
+    same_split = args.val_split == args.train_split
+    val_set = train_set if same_split else build_eval_dataset(args.dataset, args.data_root, args.val_split,
+                                                              size=args.input_size)
+    num_classes = val_set.num_classes
+    num_objects = num_classes - 1
+
+    backbone = load_backbone(args.pretrained, arch=args.arch)
+    log(f"features of {len(train_set)} train and {len(val_set)} val images at {args.input_size} px")
+    train = extract_split(backbone, train_set, args, device)
+    val = train if same_split else extract_split(backbone, val_set, args, device)
+    grid = tuple(train["features"].shape[1:3])
+    if args.attention_pretrained:
+        hint_backbone = load_backbone(args.attention_pretrained, arch=args.attention_arch)
+        hint_grid = (args.input_size // hint_backbone.patch_size,) * 2
+        attn_train = extract_split(hint_backbone, train_set, args, device)["attention"]
+        attn_val = attn_train if same_split else extract_split(hint_backbone, val_set, args, device)["attention"]
+    else:
+        hint_grid, attn_train, attn_val = grid, train["attention"], val["attention"]
+    hint_train = foreground_hint(attn_train, hint_grid, args.fg_hint_mass)
+    hint_val = foreground_hint(attn_val, hint_grid, args.fg_hint_mass)
+    labelled_val = has_labels(val["masks"])
+    if not labelled_val:
+        notes.append("the val split has no labels: segmentations are written, metrics are not computed")
+
+    # Standardisation + PCA fitted on train+val together (SPEC 6.d step 2).
+    n_train = len(train_set)
+    raw = torch.cat([train["features"], val["features"]])
+    n_all, h, w, dim = raw.shape
+    feats = pca(standardize(raw.reshape(-1, dim), device=device), dim=min(args.pca_dim, dim), device=device)
+    feats = feats.reshape(n_all, h, w, -1)
+
+    # CBFE (SPEC 6.d steps 3-7), at the evaluation size E.
+    size = args.eval_size
+    log(f"CBFE: spherical k-means, K={args.k_fg_extraction}")
+    kmeans_kw = dict(iterations=args.kmeans_iterations, restarts=args.kmeans_restarts, device=device)
+    _, assign, _ = kmeans(feats.reshape(-1, feats.shape[-1]), args.k_fg_extraction, seed=args.clustering_seed,
+                          spherical=True, **kmeans_kw)
+    clusters = resize_nearest(assign.cpu().reshape(n_all, h, w), size)
+    hints = resize_nearest(torch.cat([hint_train, hint_val]), size)
+    gt_small = resize_nearest(torch.cat([train["masks"], val["masks"]]), size)
+    target = cbfe_target(args.fg_threshold, gt_small[:n_train], hints[:n_train])
+    cbfe = cluster_based_fg_extraction(clusters[:n_train], hints[:n_train], clusters[n_train:], hints[n_train:],
+                                       args.k_fg_extraction, target)
+    fg_masks = torch.cat([cbfe["fg_mask_train"], cbfe["fg_mask_val"]])
+    log(f"CBFE threshold {cbfe['threshold']:.2f} ({args.fg_threshold}): {len(cbfe['fg_ids_train'])} train / "
+        f"{len(cbfe['fg_ids_val'])} val foreground clusters of {args.k_fg_extraction}")
+
+    # Foreground clustering (step 8) and the co-occurrence network with Infomap (steps 10-12).
+    k = args.k_community
+    log(f"foreground k-means, K={k}")
+    fg_clusters = foreground_clustering(feats, fg_masks, k, args.clustering_seed, **kmeans_kw)
+    graph_maps = fg_clusters if args.graph_splits == "train+val" else fg_clusters[:n_train]
+    matrix = co_occurrence_matrix(graph_maps, k + 1)
+    edges = community_edges(matrix, args.weight_threshold)
+    if not edges:
+        notes.append(f"no edge passes --weight-threshold {args.weight_threshold}: every cluster merges into 0")
+    seeds = list(range(1, args.num_runs + 1))  # infomap >= 2.16 rejects seed 0; the original used 0..num_runs-1
+    detected = [detect_communities(edges, k + 1, args.markov_time, num_objects, seed) for seed in seeds]
+    communities = np.stack([c for c, _ in detected])
+    codelengths = [l for _, l in detected]
+    val_clusters = fg_clusters[n_train:]
+    merged = torch.stack([merge_clusters(val_clusters, c) for c in communities])
+    log(f"Infomap over {len(edges)} edges: {[len(set(c[c > 0].tolist())) for c in communities]} communities")
+
+    results = dict(
+        settings={key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items()},
+        num_train_images=n_train, num_val_images=len(val_set), num_classes=num_classes, token_grid=list(grid),
+        fg_threshold=dict(
+            mode=args.fg_threshold,
+            rule=("cut chosen by Jaccard with the train GT (paper/original code, uses train labels)"
+                  if args.fg_threshold == "paper" else
+                  "cut chosen by Jaccard with the noisy attention hint (no labels used anywhere)"),
+            value=cbfe["threshold"], candidates=[list(r) for r in cbfe["candidates"]],
+            fg_clusters_train=cbfe["fg_ids_train"].tolist(), fg_clusters_val=cbfe["fg_ids_val"].tolist()),
+        infomap=dict(seeds=seeds, num_edges=len(edges), codelengths=codelengths,
+                     num_communities=[len(set(c[c > 0].tolist())) for c in communities]),
+    )
+    segmentation = merged[0]
+    if labelled_val:
+        gt_val = gt_small[n_train:]
+        cd = evaluate_communities(gt_val, merged, num_classes)
+        notes.extend(cd["warnings"])
+        segmentation = cd["runs"][0]["match"][merged[0]]
+        upper = compute_miou(gt_val, val_clusters, num_classes, k + 1, "many_to_one_precision")
+        miou = {"cbfe_cd": cd["miou"], "cbfe_cd_per_run": cd["miou_per_run"], f"upper_bound_k{k + 1}": upper["miou"]}
+        if args.cbfe_seeds > 0:  # Table 5 "+CBFE": K = #objects foreground clusters + the background label
+            runs = []
+            for seed in range(args.cbfe_seeds):
+                maps = foreground_clustering(feats, fg_masks, num_objects, seed, **kmeans_kw)[n_train:]
+                runs.append(compute_miou(gt_val, maps, num_classes, num_classes, "hungarian")["miou"])
+            miou.update(cbfe_only=float(np.mean(runs)), cbfe_only_per_seed=runs)
+        if args.baseline_seeds > 0:  # Table 5 "+ Leopart": K = #classes k-means of all val tokens (SPEC 6.c)
+            base = overcluster(val["features"], val["masks"], num_classes, ks=(num_classes,),
+                               seeds=range(args.baseline_seeds), mask_size=size, pca_dim=args.pca_dim,
+                               **kmeans_kw)[num_classes]
+            miou.update({f"baseline_k{num_classes}": base["mean"], f"baseline_k{num_classes}_per_seed": base["miou"]})
+        gt_full = val["masks"]
+        results.update(miou=miou, foreground=dict(
+            cbfe=table7_metrics(gt_full, cbfe["fg_mask_val"], args.bf_threshold),
+            attention_hint=table7_metrics(gt_full, hint_val, args.bf_threshold),
+            cbfe_train_jaccard=eval_jac(train["masks"], resize_nearest(cbfe["fg_mask_train"], args.input_size))))
+    results["notes"] = notes
+
+    node_pixels = torch.bincount(graph_maps.flatten(), minlength=k + 1).numpy()
+    with open(out_dir / "network.json", "w") as f:
+        json.dump(network_json(matrix, edges, communities, codelengths, seeds, node_pixels, k), f, indent=1)
+    panel_dir = out_dir / "panels"
+    panel_dir.mkdir(exist_ok=True)
+    palette = voc_palette()
+    count = len(val_set) if args.max_panels < 0 else min(args.max_panels, len(val_set))
+    for i in range(count):
+        name = Path(str(val_set.files[i])).stem
+        save_panel(panel_dir / f"{i:05d}_{name}.png", val_set[i][0], val_clusters[i], cbfe["fg_mask_val"][i],
+                   segmentation[i], k, palette)
+    with open(out_dir / "results.json", "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    report(results, log)
+    return results
+
+
+def report(results, log):
+    """Print the numbers of Tables 5 and 7."""
+    log(f"foreground threshold: {results['fg_threshold']['value']:.2f} ({results['fg_threshold']['mode']}: "
+        f"{results['fg_threshold']['rule']})")
+    for name, value in results.get("miou", {}).items():
+        if not name.endswith(("per_run", "per_seed")):
+            log(f"mIoU {name:>22}: {100 * value:6.2f}")
+    for what, metrics in results.get("foreground", {}).items():
+        if isinstance(metrics, dict):
+            log(f"{what:>15}: Jaccard {100 * metrics['jaccard']:6.2f}  B-F1 {100 * metrics['bf1']:6.2f}  "
+                f"B-F1 paper-compatible {100 * metrics['bf1_paper_compatible']:6.2f}")
+    for note in results["notes"]:
+        log(f"note: {note}")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        "unsup_seg.py: fully unsupervised semantic segmentation with CBFE and community detection (paper 3.2, "
+        "SPEC 6.d)", add_help=True)
+    parser.add_argument("--pretrained", required=True,
+                        help="backbone checkpoint (path or URL) whose spatial tokens are clustered, e.g. a Leopart "
+                             "ViT-S/16; loaded with leopart_core.load_backbone")
+    parser.add_argument("--arch", default=None,
+                        help="ViT architecture of --pretrained (vit_small, vit_base, dinov2_vits14, ...); "
+                             "inferred from the checkpoint by default")
+    parser.add_argument("--attention-pretrained", default=None,
+                        help="second checkpoint whose CLS attention gives the noisy foreground hint; the original "
+                             "used DINO ViT-S/16 attention (SPEC 8 item 11). Default: the --pretrained backbone")
+    parser.add_argument("--attention-arch", default=None, help="architecture of --attention-pretrained")
+    parser.add_argument("--fg-hint-mass", type=float, default=0.6,
+                        help="attention mass kept by the foreground hint (paper: 60%%; the original's own stored "
+                             "masks used 0.65)")
+    parser.add_argument("--dataset", default="voc", help="evaluation data set of data.build_eval_dataset")
+    parser.add_argument("--data-root", default=None, help="its root folder")
+    parser.add_argument("--train-split", default="train",
+                        help="split for the CBFE threshold and the network (the original: VOC train, 1,464 images)")
+    parser.add_argument("--val-split", default="val", help="split that is segmented and evaluated")
+    parser.add_argument("--input-size", type=int, default=448, help="image side in pixels (SPEC 6: 448)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    parser.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    parser.add_argument("--pca-dim", type=int, default=50, help="PCA dimension after standardisation (SPEC 6.d)")
+    parser.add_argument("--k-fg-extraction", type=int, default=200,
+                        help="spherical k-means clusters ranked by CBFE (SPEC 6.d step 3)")
+    parser.add_argument("--fg-threshold", default="label-free", choices=("label-free", "paper"),
+                        help="how the CBFE precision threshold is chosen: 'paper' as the original code, by Jaccard "
+                             "with the train labels (SPEC 6.d step 6, 8 item 11); 'label-free' runs the same search "
+                             "against the attention hint, so no label is used anywhere")
+    parser.add_argument("--eval-size", type=int, default=100,
+                        help="side of the cluster maps, masks and mIoU evaluation (the original's "
+                             "clustering_eval_size); Jaccard and B-F1 use --input-size")
+    parser.add_argument("--clustering-seed", type=int, default=0, help="seed of the CBFE and foreground k-means")
+    parser.add_argument("--kmeans-iterations", type=int, default=100,
+                        help="Lloyd iterations of every k-means (faiss niter in the original: 100)")
+    parser.add_argument("--kmeans-restarts", type=int, default=5,
+                        help="k-means restarts, the best objective kept (faiss nredo in the original: 5)")
+    parser.add_argument("--k-community", type=int, default=149,
+                        help="foreground clusters for community detection (README: 149 for ViT-S/16, 109 for "
+                             "ViT-B/8; chosen by the original's Optuna search with train labels)")
+    parser.add_argument("--markov-time", type=float, default=2.0,
+                        help="Infomap Markov time (README: 2 for ViT-S/16, 0.4 for ViT-B/8)")
+    parser.add_argument("--weight-threshold", type=float, default=0.09,
+                        help="edges need both P(j|i) and P(i|j) >= this (README: 0.09 for ViT-S/16, 0.07 ViT-B/8)")
+    parser.add_argument("--num-runs", type=int, default=10,
+                        help="Infomap runs (seeds 1..N: infomap >= 2.16 rejects the original's seed 0); the mIoU "
+                             "is their mean")
+    parser.add_argument("--graph-splits", default="train+val", choices=("train+val", "train"),
+                        help="cluster maps of the co-occurrence network: the original code uses train+val, the "
+                             "paper says train (SPEC 8 item 11)")
+    parser.add_argument("--cbfe-seeds", type=int, default=5,
+                        help="k-means seeds of the CBFE-only result (Table 5 '+CBFE', K = #classes - 1); 0 skips")
+    parser.add_argument("--baseline-seeds", type=int, default=5,
+                        help="k-means seeds of the K = #classes baseline without CBFE/CD (Table 5); 0 skips")
+    parser.add_argument("--bf-threshold", type=float, default=16,
+                        help="boundary F1 match distance in pixels at --input-size (eval_bf.py: 16)")
+    parser.add_argument("--max-panels", type=int, default=-1,
+                        help="PNG panels written (first val images); -1 = one per val image")
+    parser.add_argument("--output-dir", default="unsup_seg_output",
+                        help="folder for results.json, network.json and panels/")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device for the backbone and k-means")
+    return parser
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"unsup_seg.py: error: {err}")
+
+
+if __name__ == "__main__":
+    main()

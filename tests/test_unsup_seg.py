@@ -81,6 +81,17 @@ def test_co_occurrence_rejects_ids_out_of_range():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The noisy foreground hint (golden 3b through leopart_core.foreground_mask, which the pipeline calls)
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_foreground_hint_matches_process_and_store_attentions():
+    golden = load_golden("leopart_attention_masks.pt")["process_and_store_attentions"]
+    res = golden["spatial_res"]
+    hint = us.foreground_mask(torch.cat(golden["attns_list"]), (res, res), mass=golden["threshold"])
+    assert torch.equal(hint, golden["out"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # CBFE pieces (SPEC 6.d steps 5-7, 10.8, 10.9; golden 5b)
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -343,3 +354,68 @@ def test_boundary_f1_paper_variant_matches_golden_and_correct_variant_differs():
     same[0, :30, :30] = 1
     assert us.boundary_f1(same, same, 16)[1] == pytest.approx(1.0)
     assert us.boundary_f1(same, same, 16, paper_compatible=True)[1] < 0.7
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input and the end-to-end pipeline on real data (voc_mini, the ViT-S/14 weights)
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_paper_threshold_on_a_split_without_labels_is_a_clear_error():
+    unlabelled = torch.full((2, 8, 8), 255, dtype=torch.uint8)
+    hint = torch.ones(2, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="train split has no labelled pixel"):
+        us.cbfe_target("paper", unlabelled, hint)
+    assert us.cbfe_target("label-free", unlabelled, hint) is hint
+
+
+def test_cli_reports_bad_data_root_without_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        us.main(["--pretrained", "unused.pth", "--data-root", str(tmp_path / "missing"),
+                 "--output-dir", str(tmp_path / "out")])
+    assert str(exit_info.value).startswith("unsup_seg.py: error:") and "missing" in str(exit_info.value)
+
+
+E2E_FLAGS = ["--train-split", "val", "--val-split", "val", "--input-size", "224", "--eval-size", "56",
+             "--k-fg-extraction", "20", "--k-community", "12", "--num-runs", "3", "--kmeans-iterations", "20",
+             "--kmeans-restarts", "2", "--device", "cpu"]
+
+
+def test_end_to_end_on_voc_mini(tmp_path):
+    weights = str(require(WEIGHTS / "dinov2_vits14_imgfocus.pth"))
+    root = str(require(DATA / "voc_mini"))
+    args = us.get_args_parser().parse_args(
+        ["--pretrained", weights, "--data-root", root, "--output-dir", str(tmp_path / "free"), "--cbfe-seeds", "2",
+         "--baseline-seeds", "2"] + E2E_FLAGS)
+    results = us.run(args)
+    out = tmp_path / "free"
+    assert json.loads((out / "results.json").read_text())["fg_threshold"]["mode"] == "label-free"
+    assert results["fg_threshold"]["value"] in [pytest.approx(v) for v in us.THRESHOLD_GRID]
+    miou = results["miou"]
+    for name in ("cbfe_cd", "cbfe_only", "baseline_k21", "upper_bound_k13"):
+        assert 0.02 < miou[name] < 0.6, name  # 4 images, 21 classes: low but far from 0
+    assert len(miou["cbfe_cd_per_run"]) == 3
+    for what in ("cbfe", "attention_hint"):
+        metrics = results["foreground"][what]
+        assert 0.3 < metrics["jaccard"] < 0.95 and 0.3 < metrics["bf1"] <= 1
+        assert 0.2 < metrics["bf1_paper_compatible"] < metrics["bf1"]  # the frame lowers the paper variant
+    network = json.loads((out / "network.json").read_text())
+    assert len(network["nodes"]) == 13 and network["nodes"][12]["background"]
+    assert [c["seed"] for c in network["communities"]] == [1, 2, 3]
+    assert all(0 <= e["weight"] <= 1 and e["source"] <= e["target"] for e in network["edges"])
+    panels = sorted((out / "panels").glob("*.png"))
+    assert len(panels) == 4 and "2011_000003" in panels[0].name
+    from PIL import Image
+    with Image.open(panels[0]) as panel:
+        assert panel.size == (4 * 224 + 3 * 4, 224)
+
+    # The paper's threshold rule (train labels), the hint from a second checkpoint (here the same weights, so the
+    # hint's metrics must not change), the network from train only.
+    args = us.get_args_parser().parse_args(
+        ["--pretrained", weights, "--attention-pretrained", weights, "--data-root", root, "--output-dir",
+         str(tmp_path / "paper"), "--fg-threshold", "paper", "--graph-splits", "train", "--cbfe-seeds", "0",
+         "--baseline-seeds", "0", "--max-panels", "1"] + E2E_FLAGS)
+    paper = us.run(args)
+    assert paper["fg_threshold"]["mode"] == "paper" and "train GT" in paper["fg_threshold"]["rule"]
+    assert paper["foreground"]["attention_hint"] == results["foreground"]["attention_hint"]
+    assert set(paper["miou"]) == {"cbfe_cd", "cbfe_cd_per_run", "upper_bound_k13"}
+    assert len(list((tmp_path / "paper" / "panels").glob("*.png"))) == 1
