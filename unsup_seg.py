@@ -24,7 +24,6 @@ paper's variant where it is cheap: `--fg-threshold` (the code picks the CBFE thr
 """
 import argparse
 import json
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -290,6 +289,20 @@ def merge_clusters(cluster_maps, communities):
     """Replace each cluster id by its community (SPEC 6.d step 13); clusters in no edge (-1) become 0."""
     lookup = torch.as_tensor(np.maximum(np.asarray(communities), 0), dtype=torch.long)
     return lookup[torch.as_tensor(cluster_maps).long()]
+
+
+def community_detection(graph_maps, num_nodes, weight_threshold, markov_time, num_modules, num_runs):
+    """The co-occurrence network of `graph_maps` (N, H, W) and its Infomap communities (SPEC 6.d steps 10-12).
+
+    Returns dict: matrix (num_nodes, num_nodes), edges [(i, j, w)], seeds (1..num_runs, as infomap >= 2.16
+    rejects the original's seed 0), communities (num_runs, num_nodes) int64 (-1 = in no edge), codelengths.
+    """
+    matrix = co_occurrence_matrix(graph_maps, num_nodes)
+    edges = community_edges(matrix, weight_threshold)
+    seeds = list(range(1, num_runs + 1))
+    detected = [detect_communities(edges, num_nodes, markov_time, num_modules, seed) for seed in seeds]
+    return dict(matrix=matrix, edges=edges, seeds=seeds, communities=np.stack([c for c, _ in detected]),
+                codelengths=[length for _, length in detected])
 
 
 def evaluate_communities(gt, merged, num_classes):
@@ -586,6 +599,53 @@ def table7_metrics(gt, fg, bf_threshold):
                 bf1_paper_compatible=boundary_f1(gt.numpy(), fg.numpy(), bf_threshold, paper_compatible=True)[1])
 
 
+def evaluate(args, gt_val, merged, val_clusters, feats, fg_masks, n_train, val, num_classes, kmeans_kw):
+    """The mIoU numbers of Table 5 on the val split at the evaluation size (SPEC 6.d steps 9, 13, 15; 6.c).
+
+    gt_val (N_val, E, E); merged (R, N_val, E, E) community maps; val_clusters (N_val, E, E) foreground clusters with
+    background k. Returns dict: cbfe_cd (+ per run), upper_bound_k{k+1} (many-to-one by precision), cbfe_only
+    (K = #classes - 1 foreground clusters, Hungarian; + per seed), baseline_k{#classes} (k-means of all val tokens,
+    SPEC 6.c; + per seed), and, for the caller, match (run 0's community -> class map) and warnings.
+    """
+    k = args.k_community
+    cd = evaluate_communities(gt_val, merged, num_classes)
+    upper = compute_miou(gt_val, val_clusters, num_classes, k + 1, "many_to_one_precision")
+    out = {"cbfe_cd": cd["miou"], "cbfe_cd_per_run": cd["miou_per_run"], f"upper_bound_k{k + 1}": upper["miou"]}
+    if args.cbfe_seeds > 0:
+        runs = []
+        for seed in range(args.cbfe_seeds):
+            maps = foreground_clustering(feats, fg_masks, num_classes - 1, seed, **kmeans_kw)[n_train:]
+            runs.append(compute_miou(gt_val, maps, num_classes, num_classes, "hungarian")["miou"])
+        out.update(cbfe_only=float(np.mean(runs)), cbfe_only_per_seed=runs)
+    if args.baseline_seeds > 0:
+        base = overcluster(val["features"], val["masks"], num_classes, ks=(num_classes,),
+                           seeds=range(args.baseline_seeds), mask_size=gt_val.shape[-1], pca_dim=args.pca_dim,
+                           **kmeans_kw)[num_classes]
+        out.update({f"baseline_k{num_classes}": base["mean"], f"baseline_k{num_classes}_per_seed": base["miou"]})
+    out.update(match=cd["runs"][0]["match"], warnings=cd["warnings"])
+    return out
+
+
+def write_outputs(out_dir, results, cd, graph_maps, val_set, val_clusters, fg_masks_val, segmentation, k,
+                  max_panels):
+    """results.json, network.json and panels/<index>_<image>.png (the first max_panels val images; -1 = all)."""
+    node_pixels = torch.bincount(graph_maps.flatten(), minlength=k + 1).numpy()
+    network = network_json(cd["matrix"], cd["edges"], cd["communities"], cd["codelengths"], cd["seeds"],
+                           node_pixels, k)
+    with open(out_dir / "network.json", "w") as f:
+        json.dump(network, f, indent=1)
+    panel_dir = out_dir / "panels"
+    panel_dir.mkdir(exist_ok=True)
+    palette = voc_palette()
+    count = len(val_set) if max_panels < 0 else min(max_panels, len(val_set))
+    for i in range(count):
+        name = Path(str(val_set.files[i])).stem
+        save_panel(panel_dir / f"{i:05d}_{name}.png", val_set[i][0], val_clusters[i], fg_masks_val[i],
+                   segmentation[i], k, palette)
+    with open(out_dir / "results.json", "w") as f:
+        json.dump(results, f, indent=1, default=float)
+
+
 def run(args):
     """Run the pipeline of SPEC 6.d with the arguments of `get_args_parser`; returns and writes results.json."""
     for name in ("k_fg_extraction", "k_community", "num_runs", "eval_size", "input_size"):
@@ -621,24 +681,24 @@ def run(args):
     labelled_val = has_labels(val["masks"])
     if not labelled_val:
         notes.append("the val split has no labels: segmentations are written, metrics are not computed")
+    n_train = len(train_set)
+    size = args.eval_size
+    hints = resize_nearest(torch.cat([hint_train, hint_val]), size)
+    gt_small = resize_nearest(torch.cat([train["masks"], val["masks"]]), size)
+    target = cbfe_target(args.fg_threshold, gt_small[:n_train], hints[:n_train])  # fails early without labels
 
     # Standardisation + PCA fitted on train+val together (SPEC 6.d step 2).
-    n_train = len(train_set)
     raw = torch.cat([train["features"], val["features"]])
     n_all, h, w, dim = raw.shape
     feats = pca(standardize(raw.reshape(-1, dim), device=device), dim=min(args.pca_dim, dim), device=device)
     feats = feats.reshape(n_all, h, w, -1)
 
     # CBFE (SPEC 6.d steps 3-7), at the evaluation size E.
-    size = args.eval_size
     log(f"CBFE: spherical k-means, K={args.k_fg_extraction}")
     kmeans_kw = dict(iterations=args.kmeans_iterations, restarts=args.kmeans_restarts, device=device)
     _, assign, _ = kmeans(feats.reshape(-1, feats.shape[-1]), args.k_fg_extraction, seed=args.clustering_seed,
                           spherical=True, **kmeans_kw)
     clusters = resize_nearest(assign.cpu().reshape(n_all, h, w), size)
-    hints = resize_nearest(torch.cat([hint_train, hint_val]), size)
-    gt_small = resize_nearest(torch.cat([train["masks"], val["masks"]]), size)
-    target = cbfe_target(args.fg_threshold, gt_small[:n_train], hints[:n_train])
     cbfe = cluster_based_fg_extraction(clusters[:n_train], hints[:n_train], clusters[n_train:], hints[n_train:],
                                        args.k_fg_extraction, target)
     fg_masks = torch.cat([cbfe["fg_mask_train"], cbfe["fg_mask_val"]])
@@ -650,17 +710,13 @@ def run(args):
     log(f"foreground k-means, K={k}")
     fg_clusters = foreground_clustering(feats, fg_masks, k, args.clustering_seed, **kmeans_kw)
     graph_maps = fg_clusters if args.graph_splits == "train+val" else fg_clusters[:n_train]
-    matrix = co_occurrence_matrix(graph_maps, k + 1)
-    edges = community_edges(matrix, args.weight_threshold)
-    if not edges:
+    cd = community_detection(graph_maps, k + 1, args.weight_threshold, args.markov_time, num_objects, args.num_runs)
+    if not cd["edges"]:
         notes.append(f"no edge passes --weight-threshold {args.weight_threshold}: every cluster merges into 0")
-    seeds = list(range(1, args.num_runs + 1))  # infomap >= 2.16 rejects seed 0; the original used 0..num_runs-1
-    detected = [detect_communities(edges, k + 1, args.markov_time, num_objects, seed) for seed in seeds]
-    communities = np.stack([c for c, _ in detected])
-    codelengths = [l for _, l in detected]
     val_clusters = fg_clusters[n_train:]
-    merged = torch.stack([merge_clusters(val_clusters, c) for c in communities])
-    log(f"Infomap over {len(edges)} edges: {[len(set(c[c > 0].tolist())) for c in communities]} communities")
+    merged = torch.stack([merge_clusters(val_clusters, c) for c in cd["communities"]])
+    num_communities = [len(set(c[c > 0].tolist())) for c in cd["communities"]]
+    log(f"Infomap over {len(cd['edges'])} edges: {num_communities} communities")
 
     results = dict(
         settings={key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items()},
@@ -672,48 +728,25 @@ def run(args):
                   "cut chosen by Jaccard with the noisy attention hint (no labels used anywhere)"),
             value=cbfe["threshold"], candidates=[list(r) for r in cbfe["candidates"]],
             fg_clusters_train=cbfe["fg_ids_train"].tolist(), fg_clusters_val=cbfe["fg_ids_val"].tolist()),
-        infomap=dict(seeds=seeds, num_edges=len(edges), codelengths=codelengths,
-                     num_communities=[len(set(c[c > 0].tolist())) for c in communities]),
+        infomap=dict(seeds=cd["seeds"], num_edges=len(cd["edges"]), codelengths=cd["codelengths"],
+                     num_communities=num_communities),
     )
     segmentation = merged[0]
     if labelled_val:
-        gt_val = gt_small[n_train:]
-        cd = evaluate_communities(gt_val, merged, num_classes)
-        notes.extend(cd["warnings"])
-        segmentation = cd["runs"][0]["match"][merged[0]]
-        upper = compute_miou(gt_val, val_clusters, num_classes, k + 1, "many_to_one_precision")
-        miou = {"cbfe_cd": cd["miou"], "cbfe_cd_per_run": cd["miou_per_run"], f"upper_bound_k{k + 1}": upper["miou"]}
-        if args.cbfe_seeds > 0:  # Table 5 "+CBFE": K = #objects foreground clusters + the background label
-            runs = []
-            for seed in range(args.cbfe_seeds):
-                maps = foreground_clustering(feats, fg_masks, num_objects, seed, **kmeans_kw)[n_train:]
-                runs.append(compute_miou(gt_val, maps, num_classes, num_classes, "hungarian")["miou"])
-            miou.update(cbfe_only=float(np.mean(runs)), cbfe_only_per_seed=runs)
-        if args.baseline_seeds > 0:  # Table 5 "+ Leopart": K = #classes k-means of all val tokens (SPEC 6.c)
-            base = overcluster(val["features"], val["masks"], num_classes, ks=(num_classes,),
-                               seeds=range(args.baseline_seeds), mask_size=size, pca_dim=args.pca_dim,
-                               **kmeans_kw)[num_classes]
-            miou.update({f"baseline_k{num_classes}": base["mean"], f"baseline_k{num_classes}_per_seed": base["miou"]})
-        gt_full = val["masks"]
-        results.update(miou=miou, foreground=dict(
-            cbfe=table7_metrics(gt_full, cbfe["fg_mask_val"], args.bf_threshold),
-            attention_hint=table7_metrics(gt_full, hint_val, args.bf_threshold),
-            cbfe_train_jaccard=eval_jac(train["masks"], resize_nearest(cbfe["fg_mask_train"], args.input_size))))
+        evaluation = evaluate(args, gt_small[n_train:], merged, val_clusters, feats, fg_masks, n_train, val,
+                              num_classes, kmeans_kw)
+        notes.extend(evaluation.pop("warnings"))
+        segmentation = evaluation.pop("match")[merged[0]]
+        foreground = dict(cbfe=table7_metrics(val["masks"], cbfe["fg_mask_val"], args.bf_threshold),
+                          attention_hint=table7_metrics(val["masks"], hint_val, args.bf_threshold))
+        if has_labels(train["masks"]):
+            foreground["cbfe_train_jaccard"] = eval_jac(train["masks"], resize_nearest(cbfe["fg_mask_train"],
+                                                                                      args.input_size))
+        results.update(miou=evaluation, foreground=foreground)
     results["notes"] = notes
 
-    node_pixels = torch.bincount(graph_maps.flatten(), minlength=k + 1).numpy()
-    with open(out_dir / "network.json", "w") as f:
-        json.dump(network_json(matrix, edges, communities, codelengths, seeds, node_pixels, k), f, indent=1)
-    panel_dir = out_dir / "panels"
-    panel_dir.mkdir(exist_ok=True)
-    palette = voc_palette()
-    count = len(val_set) if args.max_panels < 0 else min(args.max_panels, len(val_set))
-    for i in range(count):
-        name = Path(str(val_set.files[i])).stem
-        save_panel(panel_dir / f"{i:05d}_{name}.png", val_set[i][0], val_clusters[i], cbfe["fg_mask_val"][i],
-                   segmentation[i], k, palette)
-    with open(out_dir / "results.json", "w") as f:
-        json.dump(results, f, indent=1, default=float)
+    write_outputs(out_dir, results, cd, graph_maps, val_set, val_clusters, cbfe["fg_mask_val"], segmentation, k,
+                  args.max_panels)
     report(results, log)
     return results
 

@@ -380,7 +380,16 @@ E2E_FLAGS = ["--train-split", "val", "--val-split", "val", "--input-size", "224"
              "--kmeans-restarts", "2", "--device", "cpu"]
 
 
-def test_end_to_end_on_voc_mini(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Run on one thread: on the shared 2-core machine LAPACK's eigh (PCA) is ~20x slower with two busy threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_end_to_end_on_voc_mini(tmp_path, one_thread):
     weights = str(require(WEIGHTS / "dinov2_vits14_imgfocus.pth"))
     root = str(require(DATA / "voc_mini"))
     args = us.get_args_parser().parse_args(
