@@ -21,6 +21,9 @@ Written to --output-dir: results.json, network.json (nodes, edges, communities) 
 Where the original code and the paper disagree this follows the code (SPEC 8, items 9-12), with flags for the
 paper's variant where it is cheap: `--fg-threshold` (the code picks the CBFE threshold with train labels;
 `label-free` uses none) and `--graph-splits` (the code builds the network on train+val, the paper on train).
+
+    python unsup_seg.py --pretrained leopart_vits16.ckpt --dataset voc --data-root /data/VOC \
+        --fg-threshold paper --output-dir out/unsup_vits16
 """
 import argparse
 import json
@@ -768,8 +771,8 @@ def report(results, log):
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        "unsup_seg.py: fully unsupervised semantic segmentation with CBFE and community detection (paper 3.2, "
-        "SPEC 6.d)", add_help=True)
+        prog="unsup_seg.py", description="Fully unsupervised semantic segmentation with CBFE and community "
+        "detection (paper 3.2, SPEC 6.d).")
     parser.add_argument("--pretrained", required=True,
                         help="backbone checkpoint (path or URL) whose spatial tokens are clustered, e.g. a Leopart "
                              "ViT-S/16; loaded with leopart_core.load_backbone")

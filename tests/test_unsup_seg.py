@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import DATA, GOLDEN, WEIGHTS, require
 
 import unsup_seg as us
@@ -413,7 +414,6 @@ def test_end_to_end_on_voc_mini(tmp_path, one_thread):
     assert all(0 <= e["weight"] <= 1 and e["source"] <= e["target"] for e in network["edges"])
     panels = sorted((out / "panels").glob("*.png"))
     assert len(panels) == 4 and "2011_000003" in panels[0].name
-    from PIL import Image
     with Image.open(panels[0]) as panel:
         assert panel.size == (4 * 224 + 3 * 4, 224)
 
