@@ -12,6 +12,16 @@ from conftest import DATA, GOLDEN, WEIGHTS, require
 import unsup_seg as us
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run each test on one thread: on the shared 2-core machine, with both cores busy, torch's CPU kernels (bincount,
+    LAPACK eigh in the PCA) run 20-50x slower with two threads than with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def load_golden(name):
     return torch.load(require(GOLDEN / name), weights_only=True)
 
@@ -381,16 +391,7 @@ E2E_FLAGS = ["--train-split", "val", "--val-split", "val", "--input-size", "224"
              "--kmeans-restarts", "2", "--device", "cpu"]
 
 
-@pytest.fixture
-def one_thread():
-    """Run on one thread: on the shared 2-core machine LAPACK's eigh (PCA) is ~20x slower with two busy threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_end_to_end_on_voc_mini(tmp_path, one_thread):
+def test_end_to_end_on_voc_mini(tmp_path):
     weights = str(require(WEIGHTS / "dinov2_vits14_imgfocus.pth"))
     root = str(require(DATA / "voc_mini"))
     args = us.get_args_parser().parse_args(
