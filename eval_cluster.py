@@ -310,15 +310,15 @@ def kmeans(x, k, iterations=100, restarts=5, seed=0, max_points_per_centroid=256
             centroids = F.normalize(centroids, dim=1)
         for _ in range(iterations):
             assign, dist = _assign(train, centroids, spherical, chunk_rows)
-            objective = float(dist.double().sum())
+            objective = dist.double().sum()  # a tensor: no device sync per iteration
             counts = torch.bincount(assign, minlength=k).double()
             sums = torch.zeros(k, d, dtype=torch.float64, device=device).index_add_(0, assign, train64)
             centroids = (sums / counts.clamp_min(1).unsqueeze(1)).float()
             _split_empty_clusters(centroids, counts, gen)
             if spherical:
                 centroids = F.normalize(centroids, dim=1)
-        better = best is None or (objective > best[1] if spherical else objective < best[1])
-        if better:
+        objective = float(objective)
+        if best is None or (objective > best[1] if spherical else objective < best[1]):
             best = (centroids, objective)
     centroids, objective = best
     assignments, _ = _assign(x, centroids, spherical, chunk_rows)
