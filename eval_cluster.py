@@ -212,10 +212,11 @@ def pca(x, dim=50, max_points=None, seed=1234, chunk_rows=1 << 16, device=None):
     return out
 
 
-def _assign(x, centroids, spherical, chunk_rows):
+def _assign(x, centroids, spherical, chunk_rows, x_sq=None):
     """Nearest centroid of every row of x, in blocks of `chunk_rows` rows (faiss `index.search(x, 1)`).
 
-    x (n, d) on any device, centroids (k, d) float32 on the compute device. Returns assignments (n,) int64 and
+    x (n, d) on any device, centroids (k, d) float32 on the compute device; x_sq optional precomputed squared row
+    norms of x (n,) on the compute device (the Lloyd loop reuses them). Returns assignments (n,) int64 and
     distances (n,) float32 on the compute device: squared L2 distance, or the inner product when spherical
     (IndexFlatIP). Ties go to the lowest centroid id.
     """
@@ -231,7 +232,7 @@ def _assign(x, centroids, spherical, chunk_rows):
         else:
             # ||x||^2 - 2 x.c + ||c||^2, the BLAS path of faiss's exhaustive search; clamp the round-off below 0.
             d, a = torch.addmm(c_sq.unsqueeze(0), xb, centroids.T, alpha=-2).min(1)
-            dist[b] = (d + (xb * xb).sum(1)).clamp_min_(0)
+            dist[b] = (d + (x_sq[b] if x_sq is not None else (xb * xb).sum(1))).clamp_min_(0)
             assign[b] = a
     return assign, dist
 
@@ -300,6 +301,7 @@ def kmeans(x, k, iterations=100, restarts=5, seed=0, max_points_per_centroid=256
         train = x.to(device, torch.float32)
     n_train = train.shape[0]
     train64 = train.double()
+    train_sq = None if spherical else (train * train).sum(1)
 
     best = None
     for redo in range(restarts):
@@ -309,7 +311,7 @@ def kmeans(x, k, iterations=100, restarts=5, seed=0, max_points_per_centroid=256
         if spherical:
             centroids = F.normalize(centroids, dim=1)
         for _ in range(iterations):
-            assign, dist = _assign(train, centroids, spherical, chunk_rows)
+            assign, dist = _assign(train, centroids, spherical, chunk_rows, train_sq)
             objective = dist.double().sum()  # a tensor: no device sync per iteration
             counts = torch.bincount(assign, minlength=k).double()
             sums = torch.zeros(k, d, dtype=torch.float64, device=device).index_add_(0, assign, train64)
