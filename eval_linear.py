@@ -185,10 +185,10 @@ def train_head(head, backbone, dataset, args, device):
             optimizer.step()
             total += loss.item()
             steps += 1
-        scheduler.step()
         losses.append(total / max(steps, 1))
         print(f"epoch {epoch + 1}/{args.epochs}: loss {losses[-1]:.4f}, lr {optimizer.param_groups[0]['lr']:.2g}, "
               f"{time.perf_counter() - start:.1f} s")
+        scheduler.step()
     head.eval()
     return losses
 
@@ -217,7 +217,9 @@ def evaluate_head(head, backbone, dataset, num_classes, args, device):
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        "eval_linear.py: linear (SPEC 6.a) or FCN (SPEC 6.b) probe on frozen spatial tokens", add_help=True)
+        prog="eval_linear.py",
+        description="Linear (SPEC 6.a; paper 'LC') or FCN (SPEC 6.b; paper Table 6) probe on frozen spatial tokens: "
+                    "train a head (or load one with --head), then score it on the full validation split.")
     add_backbone_and_data_args(parser)
     parser.add_argument("--head-type", default=None, choices=("linear", "fcn"),
                         help="1x1 conv (paper's LC, SPEC 6.a) or mmseg-style FCN (Table 6, SPEC 6.b); default "
