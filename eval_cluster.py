@@ -212,8 +212,9 @@ def pca(x, dim=50, max_points=None, seed=1234, chunk_rows=1 << 16, device=None):
     return out
 
 
-def _assign(x, centroids, spherical, chunk_rows, x_sq=None, workspace=None):
-    """Nearest centroid of every row of x, in blocks of `chunk_rows` rows (faiss `index.search(x, 1)`).
+def assign_to_centroids(x, centroids, spherical=False, chunk_rows=None, x_sq=None, workspace=None):
+    """Nearest centroid of every row of x, in blocks of `chunk_rows` rows (faiss `index.search(x, 1)`); by default
+    blocks of DISTANCE_BLOCK_ELEMENTS distances.
 
     x (n, d) on any device, centroids (k, d) float32 on the compute device; x_sq optional precomputed squared row
     norms of x (n,) on the compute device, and workspace an optional (>= min(chunk_rows, n), k) float32 buffer for
@@ -223,6 +224,7 @@ def _assign(x, centroids, spherical, chunk_rows, x_sq=None, workspace=None):
     """
     dev = centroids.device
     n, k = x.shape[0], centroids.shape[0]
+    chunk_rows = chunk_rows or max(1, DISTANCE_BLOCK_ELEMENTS // k)
     assign = torch.empty(n, dtype=torch.long, device=dev)
     dist = torch.empty(n, dtype=torch.float32, device=dev)
     if workspace is None:
@@ -318,7 +320,7 @@ def kmeans(x, k, iterations=100, restarts=5, seed=0, max_points_per_centroid=256
         if spherical:
             centroids = F.normalize(centroids, dim=1)
         for _ in range(iterations):
-            assign, dist = _assign(train, centroids, spherical, chunk_rows, train_sq, workspace)
+            assign, dist = assign_to_centroids(train, centroids, spherical, chunk_rows, train_sq, workspace)
             objective = dist.double().sum()  # a tensor: no device sync per iteration
             counts = torch.bincount(assign, minlength=k).double()
             sums = torch.zeros(k, d, dtype=torch.float64, device=device).index_add_(0, assign, train64)
@@ -330,7 +332,7 @@ def kmeans(x, k, iterations=100, restarts=5, seed=0, max_points_per_centroid=256
         if best is None or (objective > best[1] if spherical else objective < best[1]):
             best = (centroids, objective)
     centroids, objective = best
-    assignments, _ = _assign(x, centroids, spherical, chunk_rows)
+    assignments, _ = assign_to_centroids(x, centroids, spherical, chunk_rows)
     return centroids, assignments, objective
 
 

@@ -28,13 +28,16 @@ import leopart_core as lc
 # ViT needs larger learning rates and smaller crops and heads than the paper's DINO fine-tuning. Every other default
 # is the paper's ViT-S/16 recipe (SPEC 5.1). An explicitly given flag always wins.
 DEMO_DEFAULTS = dict(arch="vit_tiny", patch_size=8, depth=4, epochs=6, batch_size=16, num_images=640,
-                     image_size=96, global_size=64, local_size=32, hidden_dim=512, num_prototypes=50,
-                     queue_length=1024, lr_backbone=5e-4, lr_heads=5e-4, loss_mask="all", eval_images=64,
-                     eval_size=96, eval_ks=[6, 30], eval_iterations=20, eval_restarts=2, workers=1, log_every=10)
+                     image_size=96, global_size=64, local_size=32, jitter_strength=0.4, hidden_dim=512,
+                     projection_dim=32, num_prototypes=50, queue_length=1024, teacher_head_init="copy",
+                     momentum_teacher=0.99, lr_backbone=2e-4, lr_heads=2e-3, eval_images=200, eval_size=96,
+                     eval_ks=[30, 100], eval_seeds=3, eval_iterations=30, eval_restarts=2, workers=1,
+                     log_every=10)
 PAPER_DEFAULTS = dict(arch="vit_small", patch_size=16, depth=None, epochs=50, batch_size=32, num_images=None,
-                      image_size=None, global_size=224, local_size=96, hidden_dim=2048, num_prototypes=300,
-                      queue_length=8192, lr_backbone=1e-5, lr_heads=1e-4, loss_mask="fg", eval_images=150,
-                      eval_size=448, eval_ks=[500, 300, 21], eval_iterations=50, eval_restarts=5, workers=8,
+                      image_size=None, global_size=224, local_size=96, jitter_strength=1.0, hidden_dim=2048,
+                      projection_dim=256, num_prototypes=300, queue_length=8192, teacher_head_init="independent",
+                      momentum_teacher=0.9995, lr_backbone=1e-5, lr_heads=1e-4, eval_images=150, eval_size=448,
+                      eval_ks=[500, 300, 21], eval_seeds=1, eval_iterations=50, eval_restarts=5, workers=8,
                       log_every=50)
 
 
@@ -53,6 +56,10 @@ def get_args_parser():
     g.add_argument("--local-size", type=int, default=None, help="local crop side (paper 96; demo 32)")
     g.add_argument("--num-global", type=int, default=2, help="global crops per image (Table 1 crops ablation)")
     g.add_argument("--num-local", type=int, default=4, help="local crops per image; 0 = the [2] ablation")
+    g.add_argument("--jitter-strength", type=float, default=None,
+                   help="colour-jitter strength s (SPEC 1.2: 1; the from-scratch demo 0.4, as full colour "
+                        "invariance is too hard for a few hundred steps and collapses the clustering)")
+    g.add_argument("--blur-strength", type=float, default=1.0, help="Gaussian-blur strength b (SPEC 1.2)")
     g.add_argument("--workers", type=int, default=None, help="data-loading processes per GPU (paper runs 8; demo 1)")
 
     g = p.add_argument_group("model")
@@ -65,13 +72,14 @@ def get_args_parser():
                         "scratch.")
     g.add_argument("--drop-path", type=float, default=0.1, help="student stochastic depth (SPEC 2.1); teacher 0")
     g.add_argument("--hidden-dim", type=int, default=None, help="projection head width (paper 2048; demo 512)")
-    g.add_argument("--projection-dim", type=int, default=256, help="L2-normalised bottleneck dim of g (SPEC 2.2)")
+    g.add_argument("--projection-dim", type=int, default=None,
+                   help="L2-normalised bottleneck dim of g (SPEC 2.2: 256; demo 32, whose random prototypes give "
+                        "sharper first targets)")
     g.add_argument("--num-prototypes", type=int, default=None, help="K (paper 300; Table 1 ablates 100/500)")
 
     g = p.add_argument_group("Leopart loss")
-    g.add_argument("--loss-mask", default=None, choices=["fg", "all", "bg"],
-                   help="which tokens the loss clusters (Table 1a): fg = the teacher's attention mask (paper); "
-                        "the from-scratch demo uses all, since a random ViT's attention marks nothing")
+    g.add_argument("--loss-mask", default="fg", choices=["fg", "all", "bg"],
+                   help="which tokens the loss clusters (Table 1a): fg = the teacher's attention mask (paper)")
     g.add_argument("--fg-mass", type=float, default=0.6, help="attention mass the foreground keeps (Sec. 3.1)")
     g.add_argument("--temperature", type=float, default=0.1, help="student softmax temperature tau (Eq. 2)")
     g.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn entropy regularisation (SPEC 3.1)")
@@ -79,9 +87,10 @@ def get_args_parser():
     g.add_argument("--queue-length", type=int, default=None,
                    help="past teacher embeddings added to Sinkhorn, split over GPUs (paper 8192; 0 = off, Table 1)")
     g.add_argument("--no-teacher", action="store_true", help="targets from the student itself (Table 1c ablation)")
-    g.add_argument("--teacher-head-init", default="independent", choices=["independent", "copy"],
+    g.add_argument("--teacher-head-init", default=None, choices=["independent", "copy"],
                    help="the original gives the teacher's head and prototypes their own random init (SPEC 8.1); "
-                        "copy starts them equal to the student's")
+                        "copy starts them equal to the student's (the demo's choice: from scratch nothing else "
+                        "anchors the targets)")
     g.add_argument("--roi-size", type=int, default=7, help="RoI-Align output size of the alignment (SPEC 4.2)")
 
     g = p.add_argument_group("optimisation (SPEC 5)")
@@ -91,7 +100,8 @@ def get_args_parser():
     g.add_argument("--lr-heads", type=float, default=None, help="lr of head and prototypes (paper 1e-4)")
     g.add_argument("--weight-decay", type=float, default=0.04, help="start of the cosine weight-decay schedule")
     g.add_argument("--weight-decay-end", type=float, default=0.5, help="end of the weight-decay schedule")
-    g.add_argument("--momentum-teacher", type=float, default=0.9995, help="EMA momentum, cosine to 1 (SPEC 2.3)")
+    g.add_argument("--momentum-teacher", type=float, default=None,
+                   help="EMA momentum, cosine to 1 (SPEC 2.3: 0.9995; demo 0.99, for a run of a few hundred steps)")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="bf16 autocast for backbone and head (Sinkhorn and loss stay fp32); auto = bf16 on CUDA. "
                         "The paper trained in fp32.")
@@ -107,6 +117,7 @@ def get_args_parser():
                    help="first N images of the split (the original monitors 10 batches per GPU)")
     g.add_argument("--eval-size", type=int, default=None, help="evaluation input size (paper 448)")
     g.add_argument("--eval-ks", type=int, nargs="+", default=None, help="k-means K values (SPEC 5.5: 500 300 21)")
+    g.add_argument("--eval-seeds", type=int, default=None, help="k-means seeds averaged (monitoring: 1; demo 3)")
     g.add_argument("--eval-iterations", type=int, default=None, help="k-means iterations (monitoring: 50)")
     g.add_argument("--eval-restarts", type=int, default=None, help="k-means restarts (monitoring: 5)")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0 = only before and after)")
@@ -257,12 +268,12 @@ def git_commit():
 # ------------------------------------------------------------------------------------------------ evaluation
 
 def cluster_evaluation(backbone, dataset, args, device):
-    """The quick overclustering monitor of SPEC 5.5 on the student backbone: {K: mIoU} (one k-means seed)."""
+    """The quick overclustering monitor of SPEC 5.5 on the student backbone: {K: mIoU, mean over seeds}."""
     feats = eval_cluster.extract_features(backbone, dataset, batch_size=args.batch_size, device=device,
                                           mask_size=100)
     results = eval_cluster.overcluster(feats["features"], feats["masks"], dataset.num_classes, ks=args.eval_ks,
-                                       seeds=[1], mask_size=100, iterations=args.eval_iterations,
-                                       restarts=args.eval_restarts, device=device)
+                                       seeds=range(1, args.eval_seeds + 1), mask_size=100,
+                                       iterations=args.eval_iterations, restarts=args.eval_restarts, device=device)
     return {k: r["mean"] for k, r in results.items()}
 
 
@@ -331,7 +342,8 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = True
 
     transform = data.MultiCropTransform(global_size=args.global_size, local_size=args.local_size,
-                                        num_global=args.num_global, num_local=args.num_local)
+                                        num_global=args.num_global, num_local=args.num_local,
+                                        jitter_strength=args.jitter_strength, blur_strength=args.blur_strength)
     extra = {} if args.dataset != "synthetic" else dict(num_images=args.num_images, image_size=args.image_size,
                                                         seed=args.seed)
     dataset = SeededViews(data.build_train_dataset(args.dataset, args.data_root, transform, **extra), args.seed)
@@ -345,8 +357,9 @@ def main(args):
                     momentum=lc.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters_per_epoch))
     eval_set = None
     if args.eval_dataset:
+        extra = dict(num_images=args.eval_images) if args.eval_dataset == "synthetic" else {}
         eval_set = data.build_eval_dataset(args.eval_dataset, args.eval_data_root, args.eval_split,
-                                           size=args.eval_size)
+                                           size=args.eval_size, **extra)
         eval_set = torch.utils.data.Subset(eval_set, range(min(args.eval_images, len(eval_set))))
         eval_set.num_classes = eval_set.dataset.num_classes
 

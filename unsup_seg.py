@@ -39,7 +39,7 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_dataset
-from eval_cluster import _assign, compute_miou, extract_features, kmeans, overcluster, pca, standardize
+from eval_cluster import assign_to_centroids, compute_miou, extract_features, kmeans, overcluster, pca, standardize
 from leopart_core import foreground_mask, load_backbone
 
 IGNORE_INDEX = 255
@@ -506,7 +506,7 @@ def foreground_clustering(features, fg_masks, k, seed, device=None, iterations=1
     flat = features.reshape(n * h * w, dim)
     centroids, _, _ = kmeans(flat[pixel_tokens], k, iterations=iterations, restarts=restarts, seed=seed,
                              device=device, max_points_per_centroid=max_points_per_centroid)
-    token_ids, _ = _assign(flat, centroids, False, max(1, (1 << 24) // k))
+    token_ids, _ = assign_to_centroids(flat, centroids)
     maps = resize_nearest(token_ids.cpu().reshape(n, h, w), size)
     maps[fg_masks == 0] = k
     return maps
