@@ -595,10 +595,10 @@ class LeopartNetwork(nn.Module):
         return outputs
 
 
-def to_map(rows, size, patch_size):
-    """(B, N, K) token rows of a crop of `size` (h, w) pixels -> (B, K, h/P, w/P) map."""
+def to_map(rows, grid):
+    """(B, N, K) token rows in row-major order over an (h, w) token grid -> (B, K, h, w) map."""
     B, _, K = rows.shape
-    return rows.transpose(1, 2).reshape(B, K, size[0] // patch_size, size[1] // patch_size)
+    return rows.transpose(1, 2).reshape(B, K, *grid)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -682,7 +682,7 @@ class Leopart(nn.Module):
             if queue is not None and queue[-1].any():
                 scores = torch.cat([queue @ prototypes.t(), scores])
             assignments = sinkhorn(scores, self.epsilon, self.sinkhorn_iterations)[-B * N:]
-            targets.append(to_map(assignments.view(B, N, K), grid, 1))
+            targets.append(to_map(assignments.view(B, N, K), grid))
             if queue is not None:
                 emb = out["emb"].reshape(B * N, -1)
                 if fg_masks is not None:  # store only the tokens the loss trains on (inverted for loss_mask bg)
@@ -711,7 +711,8 @@ class Leopart(nn.Module):
                 fg = 1.0 - fg
             fg_masks = list(fg.chunk(G))
         targets = self.targets(teacher_out, fg_masks, grid)
-        student_scores = [to_map(out["scores"], crop.shape[-2:], self.patch_size)
+        P = self.patch_size
+        student_scores = [to_map(out["scores"], (crop.shape[-2] // P, crop.shape[-1] // P))
                           for out, crop in zip(student_out, crops)]
         return leopart_loss(student_scores, targets, boxes["gc"], boxes["all"], fg_masks, self.temperature,
                             self.patch_size, self.roi_size)

@@ -1,6 +1,6 @@
 """Leopart fine-tuning (Sec. 3.1; SPEC 5): one process on a GPU or the CPU, or DDP under torchrun.
 
-    python train.py                       # demo: built-in synthetic scenes, a small ViT from scratch, ~4 min on CPU
+    python train.py                       # demo: built-in synthetic scenes, a small ViT from scratch, ~3 min on CPU
     torchrun --nproc_per_node 2 train.py --dataset imagenet100 --data-root /data/in100 --arch vit_small \\
         --pretrained dino_deitsmall16_pretrain.pth --eval-dataset voc --eval-data-root /data/voc
                                           # the paper's ViT-S/16 ImageNet-100 run (32 images per GPU, 50 epochs)
@@ -33,7 +33,7 @@ DEMO_DEFAULTS = dict(arch="vit_tiny", patch_size=8, depth=4, epochs=6, batch_siz
                      momentum_teacher=0.99, lr_backbone=2e-4, lr_heads=2e-3, eval_images=200, eval_size=96,
                      eval_ks=[30, 100], eval_seeds=3, eval_iterations=30, eval_restarts=2, workers=1,
                      log_every=10)
-PAPER_DEFAULTS = dict(arch="vit_small", patch_size=16, depth=None, epochs=50, batch_size=32, num_images=None,
+PAPER_DEFAULTS = dict(arch="vit_small", patch_size=None, depth=None, epochs=50, batch_size=32, num_images=None,
                       image_size=None, global_size=224, local_size=96, jitter_strength=1.0, hidden_dim=2048,
                       projection_dim=256, num_prototypes=300, queue_length=8192, teacher_head_init="independent",
                       momentum_teacher=0.9995, lr_backbone=1e-5, lr_heads=1e-4, eval_images=150, eval_size=448,
@@ -64,7 +64,8 @@ def get_args_parser():
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", default=None, choices=sorted(lc.ARCHS), help="ViT (paper vit_small; demo vit_tiny)")
-    g.add_argument("--patch-size", type=int, default=None, help="patch size (paper 16, ViT-B/8 8; demo 8)")
+    g.add_argument("--patch-size", type=int, default=None,
+                   help="patch size (default the arch's: 16, or 14 for DINOv2; ViT-B/8: 8; demo 8)")
     g.add_argument("--depth", type=int, default=None, help="transformer blocks; default the arch's (demo 4)")
     g.add_argument("--pretrained", default=None,
                    help="DINO weights (path or URL) loaded into student and teacher backbones, as the paper starts "

@@ -137,3 +137,18 @@ def test_demo_runs_end_to_end_and_compares_with_its_initialisation(tmp_path):
     assert "initialisation" in result.stdout and "trained" in result.stdout
     assert (tmp_path / "backbone.pth").exists() and (tmp_path / "log.jsonl").exists()
     assert lc.load_backbone(tmp_path / "backbone.pth").patch_size == 8
+
+
+def test_defaults_are_the_papers_recipe_for_real_data():
+    """SPEC 5.1 / 2.2 / 3.3 / 1.1: naming data, arch and weights is all a paper run needs."""
+    args = train.get_args_parser().parse_args(["--dataset", "imagenet100", "--data-root", "/data/in100"])
+    assert train.resolve_defaults(args) == []  # no demo value leaks into a real run
+    expected = dict(arch="vit_small", epochs=50, batch_size=32, lr_backbone=1e-5, lr_heads=1e-4, weight_decay=0.04,
+                    weight_decay_end=0.5, momentum_teacher=0.9995, num_prototypes=300, queue_length=8192,
+                    global_size=224, local_size=96, num_global=2, num_local=4, hidden_dim=2048, projection_dim=256,
+                    jitter_strength=1.0, blur_strength=1.0, loss_mask="fg", fg_mass=0.6, temperature=0.1,
+                    epsilon=0.05, sinkhorn_iterations=3, drop_path=0.1, teacher_head_init="independent",
+                    roi_size=7, seed=400)
+    assert {k: getattr(args, k) for k in expected} == expected
+    args.bf16 = False
+    assert train.build_model(args, torch.device("cpu")).patch_size == 16
