@@ -511,8 +511,8 @@ def leopart_loss(student_scores, target_assignments, boxes_gc, boxes_all, fg_mas
                            for g, q in enumerate(target_assignments)], dim=1)
     predictions = torch.stack([align(s.float(), boxes_all[:, v], patch_size, roi_size)
                                for v, s in enumerate(student_scores)], dim=1)
-    log_p = F.log_softmax(predictions / temperature, dim=3)
-    cross_entropy = -(targets.transpose(1, 2) * log_p).sum(dim=3)  # (B, V, G, roi, roi)
+    log_p = F.log_softmax(predictions / temperature, dim=3)  # s_tau(alpha_{B_j,i}(Z_i^T C)), Eq. (2)
+    cross_entropy = -(targets.transpose(1, 2) * log_p).sum(dim=3)  # H[., alpha_{B_i,j}(Q_j)] per cell, Eq. (2)
     if fg_masks is None:
         weights = torch.ones_like(cross_entropy)
     else:
@@ -521,7 +521,7 @@ def leopart_loss(student_scores, target_assignments, boxes_gc, boxes_all, fg_mas
         weights = (aligned_masks >= 1.0).float().transpose(1, 2)
     cell_sum = (cross_entropy * weights).sum(dim=(0, 3, 4))  # (V, G)
     pair_loss = cell_sum / weights.sum(dim=(0, 3, 4)).clamp_min(1.0)  # an empty pair is 0 and stays in the graph
-    off_diagonal = ~torch.eye(V, G, dtype=torch.bool, device=pair_loss.device)
+    off_diagonal = ~torch.eye(V, G, dtype=torch.bool, device=pair_loss.device)  # no (g, g) term, Eq. (1)
     return pair_loss[off_diagonal].sum() / (G * (V - 1))
 
 
