@@ -479,7 +479,8 @@ def add_backbone_and_data_args(parser):
                         help="images are resized to SxS, aspect ratio not kept (SPEC 6: 448; must be a multiple "
                              "of the patch size)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per backbone forward pass")
-    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes")
+    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="DataLoader worker processes (default: 4, or fewer on a smaller machine)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'")
     return parser
 

@@ -7,7 +7,6 @@
 """
 import argparse
 import json
-import math
 import os
 import random
 import subprocess
@@ -301,8 +300,12 @@ def train_one_epoch(model, leopart, loader, optimizer, schedule, epoch, step, la
         crops = [c.to(device, non_blocking=True) for c in crops]
         boxes = {k: b.to(device, non_blocking=True) for k, b in boxes.items()}
         loss = model(crops, boxes)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLoss(f"loss is {loss.item()} at step {step} (epoch {epoch})")
+        non_finite = (~torch.isfinite(loss.detach())).float()
+        if dist.is_initialized():  # every rank stops together, rather than the others waiting for the one
+            dist.all_reduce(non_finite)
+        if non_finite.item():
+            raise NonFiniteLoss(f"the loss is not finite ({loss.item()} on this process) at step {step}, "
+                                f"epoch {epoch}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         leopart.update_teacher(schedule["momentum"][step].item())

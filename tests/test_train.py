@@ -105,7 +105,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(lc, "leopart_loss", loss_that_diverges)
     out = tmp_path / "run"
-    with pytest.raises(train.NonFiniteLoss, match=r"loss is nan at step 3 .*last good checkpoint .*step 2"):
+    with pytest.raises(train.NonFiniteLoss, match=r"loss is not finite \(nan.*at step 3.*last good checkpoint .*step 2"):
         run_main(TINY + ["--epochs", "2", "--batch-size", "4", "--output-dir", str(out)])
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
     assert checkpoint["step"] == 2 and all(torch.isfinite(v).all() for v in checkpoint["model"].values())
