@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from eval_cluster import (add_backbone_and_data_args, backbone_tokens, build_frozen_backbone, build_split,
                           confusion_matrix, downsample_masks, match_and_score, resolve_device, write_json)
+from leopart_core import atomic_save, load_state_strict, read_checkpoint
 
 HEAD_PREFIX = "finetune_head."  # the original's LightningModule attribute; released head files keep it (SPEC 9.3)
 # Defaults per head type (SPEC 6.a, 6.b for ViT-S/16): global batch (per-GPU batch x 2 GPUs), epochs, lr.
@@ -84,12 +85,12 @@ def read_head_state(path):
     Lightning checkpoints (`state_dict`; only `finetune_head.*` is kept when present) and the files this script
     writes. The type is 'fcn' when `conv_seg.weight` is present, else 'linear'.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--head file {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for damaged or foreign files; report them all the same way
-        raise ValueError(f"cannot read head file {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        checkpoint = read_checkpoint(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--head file {path} does not exist") from None
+    except ValueError as e:
+        raise ValueError(f"cannot read head file: {e}") from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):
@@ -104,22 +105,11 @@ def read_head_state(path):
 
 def load_head_strict(head, state, path):
     """Load `state` into `head` strictly; a ValueError names missing, unexpected and mis-shaped keys."""
-    own = head.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs head {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        problems = [f"{what} {keys}" for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                                        ("shape mismatches", shapes)) if keys]
-        raise ValueError(f"head file {path} does not fit a {type(head).__name__} for this backbone and data set: "
-                         + "; ".join(problems))
-    head.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    load_state_strict(head, state, f"head file {path} into a {type(head).__name__} for this backbone and data set")
 
 
 def save_head(head, path):
     """Write the head in the released layout (`finetune_head.`-prefixed tensors), atomically."""
-    from leopart_core import atomic_save
     atomic_save({HEAD_PREFIX + k: v.detach().cpu().clone() for k, v in head.state_dict().items()}, path)
 
 

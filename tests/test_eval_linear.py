@@ -162,4 +162,5 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
                              "--head", str(tmp_path / "head5.ckpt"), "--device", "cpu", "--num-workers", "0",
                              "--output-dir", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "head5.ckpt does not fit" in result.stderr and "shape mismatches" in result.stderr
+    assert "cannot load head file" in result.stderr and "head5.ckpt" in result.stderr \
+        and "shape mismatches" in result.stderr
