@@ -632,6 +632,7 @@ def evaluate(args, gt_val, merged, val_clusters, feats, fg_masks, n_train, val, 
 def write_outputs(out_dir, results, cd, graph_maps, val_set, val_clusters, fg_masks_val, segmentation, k,
                   max_panels):
     """results.json, network.json and panels/<index>_<image>.png (the first max_panels val images; -1 = all)."""
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once there is something to write: bad input leaves no folder
     node_pixels = torch.bincount(graph_maps.flatten(), minlength=k + 1).numpy()
     network = network_json(cd["matrix"], cd["edges"], cd["communities"], cd["codelengths"], cd["seeds"],
                            node_pixels, k)
@@ -656,7 +657,6 @@ def run(args):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     device = torch.device(args.device)
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     notes = []
     log = lambda msg: print(msg, flush=True)
 
