@@ -358,11 +358,15 @@ def backbone_tokens(backbone, images, return_attention=False):
     return (tokens, attention.float()) if return_attention else tokens
 
 
-def downsample_masks(masks, size):
-    """(N, S, S) integer masks -> (N, size, size) int64 by legacy nearest interpolation (SPEC 6: src=floor(dst*in/out))."""
-    if masks.shape[-1] == size and masks.shape[-2] == size:
-        return masks.long()
-    return F.interpolate(masks.unsqueeze(1).float(), size=(size, size), mode="nearest").squeeze(1).long()
+def resize_labels(maps, size):
+    """Label maps (N, H, W) -> (N, size, size), same dtype, by PyTorch's legacy nearest (src = floor(dst * in / out)),
+    the rule of every mask and cluster-map resize in the original pipeline (SPEC 6). Labels must be < 2**24."""
+    maps = torch.as_tensor(maps)
+    if maps.dim() != 3:
+        raise ValueError(f"expected label maps of shape (N, H, W), got {tuple(maps.shape)}")
+    if tuple(maps.shape[1:]) == (size, size):
+        return maps
+    return F.interpolate(maps[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(maps.dtype)
 
 
 @torch.no_grad()
@@ -390,7 +394,7 @@ def extract_features(backbone, dataset, batch_size=16, device=None, num_workers=
             out = backbone_tokens(backbone, images.to(device, non_blocking=True), return_attention)
             tokens, attn = out if return_attention else (out, None)
             if mask_size is not None:
-                batch_masks = downsample_masks(batch_masks, mask_size)
+                batch_masks = resize_labels(batch_masks, mask_size)
             if features is None:
                 n = len(dataset)
                 features = torch.empty((n,) + tokens.shape[1:], dtype=torch.float32)
@@ -435,15 +439,14 @@ def overcluster(features, masks, num_classes, ks=(100, 300, 500), seeds=range(5)
     x = standardize(features.reshape(-1, dim), device=device)
     if pca_dim is not None and pca_dim < dim:
         x = pca(x, pca_dim, device=device)
-    gt = downsample_masks(masks.to(device), mask_size)
+    gt = resize_labels(masks.to(device), mask_size)
     results = {}
     for k in ks:
         mode = matching or ("hungarian" if k == num_classes else "many_to_one_precision")
         runs = []
         for seed in seeds:
             _, assign, objective = kmeans(x, k, iterations=iterations, restarts=restarts, seed=seed, device=device)
-            cluster_map = assign.reshape(n, 1, h, w).float()
-            cluster_map = F.interpolate(cluster_map, size=(mask_size, mask_size), mode="nearest").squeeze(1).long()
+            cluster_map = resize_labels(assign.reshape(n, h, w), mask_size)
             res = compute_miou(gt, cluster_map.to(gt.device), num_classes, k, mode)
             runs.append((res["miou"], res["iou_per_class"].tolist(), objective))
         mious = [r[0] for r in runs]

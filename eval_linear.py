@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from eval_cluster import (add_backbone_and_data_args, backbone_tokens, build_frozen_backbone, build_split,
-                          confusion_matrix, downsample_masks, match_and_score, resolve_device, write_json)
+                          confusion_matrix, match_and_score, resize_labels, resolve_device, write_json)
 from leopart_core import atomic_save, load_state_strict, read_checkpoint
 
 HEAD_PREFIX = "finetune_head."  # the original's LightningModule attribute; released head files keep it (SPEC 9.3)
@@ -133,7 +133,7 @@ def cache_tokens(backbone, dataset, batch_size, device, num_workers, mask_size):
     tokens, masks = [], []
     for images, batch_masks in loader:
         tokens.append(backbone_tokens(backbone, images.to(device, non_blocking=True)).to(torch.bfloat16).cpu())
-        masks.append(downsample_masks(batch_masks, mask_size).to(torch.uint8))
+        masks.append(resize_labels(batch_masks, mask_size).to(torch.uint8))
     return torch.cat(tokens), torch.cat(masks)
 
 
@@ -168,7 +168,7 @@ def train_head(head, backbone, dataset, args, device):
                 tokens = inputs.to(device, non_blocking=True).float()
             else:
                 tokens = backbone_tokens(backbone, inputs.to(device, non_blocking=True))
-            target = downsample_masks(masks.to(device, non_blocking=True), args.train_mask_size)
+            target = resize_labels(masks.to(device, non_blocking=True), args.train_mask_size).long()
             loss = criterion(probe_logits(head, tokens, args.train_mask_size), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -196,7 +196,7 @@ def evaluate_head(head, backbone, dataset, num_classes, args, device):
     chunk = max(1, HEAD_EVAL_ELEMENTS // (args.head_eval_size ** 2 * backbone.embed_dim))
     for images, masks in loader:
         tokens = backbone_tokens(backbone, images.to(device, non_blocking=True))
-        masks = downsample_masks(masks.to(device, non_blocking=True), args.mask_eval_size)
+        masks = resize_labels(masks.to(device, non_blocking=True), args.mask_eval_size)
         for i in range(0, len(tokens), chunk):
             logits = probe_logits(head, tokens[i:i + chunk], args.head_eval_size)
             if logits.shape[-1] != args.mask_eval_size:

@@ -39,7 +39,8 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_dataset
-from eval_cluster import assign_to_centroids, compute_miou, extract_features, kmeans, overcluster, pca, standardize
+from eval_cluster import (assign_to_centroids, compute_miou, extract_features, kmeans, overcluster, pca,
+                          resize_labels, standardize)
 from leopart_core import foreground_mask, load_backbone
 
 IGNORE_INDEX = 255
@@ -65,21 +66,6 @@ _CHAIN_DY = (0, -1, -1, -1, 0, 1, 1, 1)
 # ----------------------------------------------------------------------------------------------------------------
 # Small map helpers
 # ----------------------------------------------------------------------------------------------------------------
-
-def resize_nearest(maps, size):
-    """Nearest resize of label maps (N, H, W) -> (N, size, size), same dtype.
-
-    PyTorch's legacy nearest (source index floor(dst * in / out)), the rule of every resize in the original
-    pipeline (SPEC 6, common preprocessing). Label values must be exact in float32 (< 2**24).
-    """
-    maps = torch.as_tensor(maps)
-    if maps.dim() != 3:
-        raise ValueError(f"expected label maps of shape (N, H, W), got {tuple(maps.shape)}")
-    if tuple(maps.shape[1:]) == (size, size):
-        return maps
-    resized = F.interpolate(maps[:, None].float(), size=(size, size), mode="nearest")[:, 0]
-    return resized.to(maps.dtype)
-
 
 def has_labels(masks):
     """True when a split's ground truth holds any labelled pixel (masks (N, H, W), 255 = ignore)."""
@@ -493,7 +479,7 @@ def foreground_clustering(features, fg_masks, k, seed, device=None, iterations=1
     n, h, w, dim = features.shape
     fg_masks = torch.as_tensor(fg_masks)
     size = fg_masks.shape[-1]
-    token_of_pixel = resize_nearest(torch.arange(h * w).reshape(1, h, w), size)[0]
+    token_of_pixel = resize_labels(torch.arange(h * w).reshape(1, h, w), size)[0]
     images, rows, cols = torch.nonzero(fg_masks, as_tuple=True)
     if len(images) < k:
         raise ValueError(f"only {len(images)} foreground pixels at {size}x{size} for k={k} foreground clusters; "
@@ -507,7 +493,7 @@ def foreground_clustering(features, fg_masks, k, seed, device=None, iterations=1
     centroids, _, _ = kmeans(flat[pixel_tokens], k, iterations=iterations, restarts=restarts, seed=seed,
                              device=device, max_points_per_centroid=max_points_per_centroid)
     token_ids, _ = assign_to_centroids(flat, centroids)
-    maps = resize_nearest(token_ids.cpu().reshape(n, h, w), size)
+    maps = resize_labels(token_ids.cpu().reshape(n, h, w), size)
     maps[fg_masks == 0] = k
     return maps
 
@@ -557,7 +543,7 @@ def save_panel(path, image, cluster_map, fg_mask, segmentation, num_clusters, pa
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     rgb = ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    up = lambda m: resize_nearest(torch.as_tensor(m)[None].long(), size)[0].numpy()
+    up = lambda m: resize_labels(torch.as_tensor(m)[None].long(), size)[0].numpy()
     clusters = up(cluster_map)
     cluster_rgb = np.where((clusters == num_clusters)[..., None], 0, palette[1 + clusters % 255])
     mask_rgb = np.repeat((up(fg_mask) != 0)[..., None] * np.uint8(255), 3, axis=2)
@@ -596,7 +582,7 @@ def extract_split(backbone, dataset, args, device):
 
 def table7_metrics(gt, fg, bf_threshold):
     """Foreground Jaccard (void as foreground) and boundary F1, correct and paper-compatible (SPEC 6.e)."""
-    fg = resize_nearest(torch.as_tensor(fg), gt.shape[-1])
+    fg = resize_labels(torch.as_tensor(fg), gt.shape[-1])
     return dict(jaccard=eval_jac(gt, fg),
                 bf1=boundary_f1(gt.numpy(), fg.numpy(), bf_threshold)[1],
                 bf1_paper_compatible=boundary_f1(gt.numpy(), fg.numpy(), bf_threshold, paper_compatible=True)[1])
@@ -686,8 +672,8 @@ def run(args):
         notes.append("the val split has no labels: segmentations are written, metrics are not computed")
     n_train = len(train_set)
     size = args.eval_size
-    hints = resize_nearest(torch.cat([hint_train, hint_val]), size)
-    gt_small = resize_nearest(torch.cat([train["masks"], val["masks"]]), size)
+    hints = resize_labels(torch.cat([hint_train, hint_val]), size)
+    gt_small = resize_labels(torch.cat([train["masks"], val["masks"]]), size)
     target = cbfe_target(args.fg_threshold, gt_small[:n_train], hints[:n_train])  # fails early without labels
 
     # Standardisation + PCA fitted on train+val together (SPEC 6.d step 2).
@@ -701,7 +687,7 @@ def run(args):
     kmeans_kw = dict(iterations=args.kmeans_iterations, restarts=args.kmeans_restarts, device=device)
     _, assign, _ = kmeans(feats.reshape(-1, feats.shape[-1]), args.k_fg_extraction, seed=args.clustering_seed,
                           spherical=True, **kmeans_kw)
-    clusters = resize_nearest(assign.cpu().reshape(n_all, h, w), size)
+    clusters = resize_labels(assign.cpu().reshape(n_all, h, w), size)
     cbfe = cluster_based_fg_extraction(clusters[:n_train], hints[:n_train], clusters[n_train:], hints[n_train:],
                                        args.k_fg_extraction, target)
     fg_masks = torch.cat([cbfe["fg_mask_train"], cbfe["fg_mask_val"]])
@@ -743,7 +729,7 @@ def run(args):
         foreground = dict(cbfe=table7_metrics(val["masks"], cbfe["fg_mask_val"], args.bf_threshold),
                           attention_hint=table7_metrics(val["masks"], hint_val, args.bf_threshold))
         if has_labels(train["masks"]):
-            foreground["cbfe_train_jaccard"] = eval_jac(train["masks"], resize_nearest(cbfe["fg_mask_train"],
+            foreground["cbfe_train_jaccard"] = eval_jac(train["masks"], resize_labels(cbfe["fg_mask_train"],
                                                                                       args.input_size))
         results.update(miou=evaluation, foreground=foreground)
     results["notes"] = notes

@@ -133,7 +133,7 @@ def test_eval_jac_spec():
 
 def golden_cbfe_inputs(golden):
     size = golden["overclustering_eval_size"]
-    resize = lambda maps: us.resize_nearest(squeeze_maps(maps), size)
+    resize = lambda maps: us.resize_labels(squeeze_maps(maps), size)
     return {name: resize(golden[name]) for name in
             ("clusters_train", "attn_train", "gt_train", "clusters_val", "attn_val")}
 
@@ -156,7 +156,7 @@ def test_cbfe_matches_golden():
     assert torch.equal(out["fg_mask_val"], squeeze_maps(golden["fg_mask_val"]).to(torch.uint8))
     eval_size = golden["masks_eval_size"]
     for split in ("train", "val"):
-        jaccard = us.eval_jac(squeeze_maps(golden[f"gt_{split}"]), us.resize_nearest(out[f"fg_mask_{split}"],
+        jaccard = us.eval_jac(squeeze_maps(golden[f"gt_{split}"]), us.resize_labels(out[f"fg_mask_{split}"],
                                                                                       eval_size))
         assert jaccard == pytest.approx(golden[f"jaccard_{split}_final"], abs=1e-6)
 
@@ -230,7 +230,7 @@ def test_hungarian_miou_of_merged_maps_matches_golden():
     golden = load_golden("leopart_fully_unsup.pt")["community_detection"]
     params = golden["params"]
     num_classes = params["num_objects_pvoc"] + 1
-    gt = us.resize_nearest(squeeze_maps(golden["gt_val"]), params["clustering_eval_size"])
+    gt = us.resize_labels(squeeze_maps(golden["gt_val"]), params["clustering_eval_size"])
     merged = torch.stack([squeeze_maps(m).long() for m in golden["merged_val"]])
     result = us.evaluate_communities(gt, merged, num_classes)
     np.testing.assert_allclose(result["miou_per_run"], golden["miou_per_run"].numpy(), atol=1e-12)
@@ -353,7 +353,7 @@ def test_boundary_f1_paper_variant_matches_golden_and_correct_variant_differs():
     golden = load_golden("leopart_bfscore.pt")["evaluate_bf_score"]
     size = golden["eval_size"]
     gt = squeeze_maps(golden["gt_masks"]).numpy()
-    pred = us.resize_nearest(golden["pred_fg"][:, 0], size).numpy()
+    pred = us.resize_labels(golden["pred_fg"][:, 0], size).numpy()
     per_image, mean = us.boundary_f1(gt, pred, golden["match_threshold"], paper_compatible=True)
     np.testing.assert_allclose(per_image, golden["per_image_score"].numpy(), rtol=0, atol=1e-12)
     assert mean == pytest.approx(golden["overall"], abs=1e-12)
