@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from leopart_core import build_vit, load_backbone
+
 MATCHINGS = ("none", "hungarian", "many_to_one_precision", "many_to_one_iou")
 IGNORE_INDEX = 255
 # Bound on the elements of one block of the (points x centroids) distance matrix: 2^24 floats = 64 MiB, so k-means
@@ -507,7 +509,6 @@ def build_frozen_backbone(pretrained, arch=None, patch_size=None, device="cpu", 
     pretrained: a checkpoint path/URL for `leopart_core.load_backbone`, or None/'none' for a random init of `arch`
     (seeded with `init_seed`, the baseline every pretrained score should clearly beat).
     """
-    from leopart_core import build_vit, load_backbone
     if pretrained is None or str(pretrained).lower() == "none":
         if not arch:
             raise ValueError("a random-init backbone (--pretrained none) needs --arch, e.g. --arch vit_small")
@@ -516,8 +517,6 @@ def build_frozen_backbone(pretrained, arch=None, patch_size=None, device="cpu", 
         description = f"random init {arch} (seed {init_seed})"
     else:
         pretrained = str(pretrained)
-        if not pretrained.startswith(("http://", "https://")) and not os.path.isfile(pretrained):
-            raise FileNotFoundError(f"--pretrained checkpoint {pretrained} does not exist")
         model = load_backbone(pretrained, arch, patch_size)
         description = pretrained
     model.eval().requires_grad_(False).to(device)
