@@ -402,7 +402,8 @@ def _distributed():
 
 @torch.no_grad()
 def sinkhorn(scores, epsilon=0.05, iterations=3):
-    """Optimal soft assignments of M tokens to K prototypes (SwAV's Sinkhorn-Knopp, as Leopart runs it).
+    """Optimal soft assignments Q of M spatial tokens to K prototypes (Sec. 3.1; SwAV's Sinkhorn-Knopp [5, 14], as
+    Leopart runs it).
 
     scores (M, K) similarities -> (M, K) float32 assignments whose rows sum to 1. Q = exp(scores / eps) is scaled to
     total mass 1, then `iterations` times each prototype's mass is set to 1/K and each token's to 1/M; finally rows
@@ -566,7 +567,8 @@ class LeopartNetwork(nn.Module):
 
     @torch.no_grad()
     def normalize_prototypes(self):
-        """Rows of C to unit norm, so Z^T C are cosine similarities (SPEC 2.2: at the start of every step)."""
+        """Rows of C to unit norm, so Z^T C are cosine similarities (Sec. 3.1 "after each gradient step"; the
+        original does it at the start of every step, SPEC 2.2, which is the same sequence of values)."""
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     def forward(self, crops, return_attention=False):
