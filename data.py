@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import random
+import re
 import time
 import warnings
 from pathlib import Path
@@ -239,6 +240,19 @@ class JointTrainTransform:
 # ------------------------------------------------------------------------------------------------------------------
 # Reading files
 # ------------------------------------------------------------------------------------------------------------------
+
+def error_message(error):
+    """The message of `error` as its script prints it: one line, whether it was raised here or in a DataLoader
+    worker. A worker's error comes back re-raised with the worker's whole traceback in its message ("Caught
+    ValueError in DataLoader worker process 0. Original Traceback ... ValueError: <message>"); keep the message."""
+    text = str(error)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        # the traceback's last entry is "<module.>ExceptionName: <message>", the raised exception's own
+        found = list(re.finditer(rf"(?:^|\n|\.){re.escape(type(error).__name__)}: ", text))
+        if found:
+            text = text[found[-1].end():]
+    return text.strip()
+
 
 def load_rgb(path):
     """Decode an image file fully into an RGB PIL image; FileNotFoundError/ValueError naming the file otherwise."""

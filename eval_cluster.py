@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from data import build_eval_dataset, error_message
 from leopart_core import build_vit, load_backbone
 
 MATCHINGS = ("none", "hungarian", "many_to_one_precision", "many_to_one_iou")
@@ -528,7 +529,6 @@ def build_split(args, split, transform=None, max_images=None):
 
     Returns (dataset, num_classes, files).
     """
-    from data import build_eval_dataset
     dataset = build_eval_dataset(args.dataset, args.data_root, split, size=args.input_size, transform=transform,
                                  num_classes=args.num_classes)
     num_classes, files = dataset.num_classes, list(dataset.files)
@@ -616,4 +616,4 @@ if __name__ == "__main__":
     try:
         main(arguments)
     except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"eval_cluster.py: error: {error}")
+        sys.exit(f"eval_cluster.py: error: {error_message(error)}")

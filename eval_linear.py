@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import error_message
 from eval_cluster import (add_backbone_and_data_args, backbone_tokens, build_frozen_backbone, build_split,
                           confusion_matrix, match_and_score, resize_labels, resolve_device, write_json)
 from leopart_core import atomic_save, load_state_strict, read_checkpoint
@@ -326,4 +327,4 @@ if __name__ == "__main__":
     try:
         main(arguments)
     except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"eval_linear.py: error: {error}")
+        sys.exit(f"eval_linear.py: error: {error_message(error)}")

@@ -441,6 +441,19 @@ def sinkhorn(scores, epsilon=0.05, iterations=3):
 # Foreground mask from the CLS attention (SPEC 4.3; paper Sec. 3.1 "Foreground-focused clustering")
 # ----------------------------------------------------------------------------------------------------------------
 
+FOREGROUND_MIN_GRID = 4  # the mask's 7x7 blur pads 3 tokens by reflection, which needs 4 tokens a side
+
+
+def check_input_size(size, patch_size, flag, min_grid=1, needed_for="the ViT"):
+    """Fail early, naming the flag, when a size x size input is not a whole token grid of at least min_grid tokens a
+    side (e.g. the foreground mask needs FOREGROUND_MIN_GRID), instead of deep inside a forward pass."""
+    grid = size // patch_size
+    if size % patch_size or grid < min_grid:
+        raise ValueError(f"{flag} {size} gives a {size / patch_size:g}x{size / patch_size:g} token grid with patch "
+                         f"size {patch_size}; {needed_for} needs a whole grid of at least {min_grid}x{min_grid} "
+                         f"tokens: use a multiple of {patch_size} of at least {min_grid * patch_size}")
+
+
 @torch.no_grad()
 def foreground_mask(cls_attention, grid, mass=0.6, blur_sigma=0.6):
     """Binary foreground A_b from the CLS attention: cls_attention (B, heads, h*w), grid (h, w) -> (B, 1, h, w) 0/1.
@@ -453,6 +466,9 @@ def foreground_mask(cls_attention, grid, mass=0.6, blur_sigma=0.6):
     h, w = grid
     if h * w != N:
         raise ValueError(f"attention over {N} tokens does not fit the grid {h}x{w}")
+    if min(h, w) < FOREGROUND_MIN_GRID:
+        raise ValueError(f"the foreground mask needs a token grid of at least {FOREGROUND_MIN_GRID}x"
+                         f"{FOREGROUND_MIN_GRID}, got {h}x{w}: use larger crops or a smaller patch size")
     attention = cls_attention.float()
     merged = sum(attention[:, i] / heads for i in range(heads))  # the original's head mean, summed in this order
     blurred = gaussian_blur(merged.reshape(B, 1, h, w), kernel_size=[7, 7], sigma=[blur_sigma, blur_sigma])

@@ -452,5 +452,5 @@ if __name__ == "__main__":
     try:
         main(parsed)
     except (FileNotFoundError, FileExistsError, ValueError, NonFiniteLoss) as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
+        print(f"train.py: error: {data.error_message(error)}", file=sys.stderr)
         sys.exit(1)

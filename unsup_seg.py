@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.spatial import cKDTree
 
-from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_dataset
+from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_dataset, error_message
 from eval_cluster import (assign_to_centroids, compute_miou, extract_features, kmeans, overcluster, pca,
                           resize_labels, standardize)
 from leopart_core import foreground_mask, load_backbone
@@ -828,7 +828,7 @@ def main(argv=None):
     try:
         run(args)
     except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"unsup_seg.py: error: {err}")
+        sys.exit(f"unsup_seg.py: error: {error_message(err)}")
 
 
 if __name__ == "__main__":
