@@ -215,8 +215,8 @@ def vit_base(patch_size=16, **kw):
 
 
 def dinov2_vits14(**kw):
-    """DINOv2 ViT-S/14 as on torch.hub: 518-px (37x37) position table, LayerScale, `mask_token`; registers with
-    `num_register_tokens=4`."""
+    """DINOv2 ViT-S/14 as on torch.hub: 518-px (37x37) position table, LayerScale, `mask_token` (registers:
+    dinov2_vits14_reg)."""
     return VisionTransformer(**{"img_size": 518, "patch_size": 14, "embed_dim": 384, "depth": 12, "num_heads": 6,
                                 "layerscale_init": 1.0, "mask_token": True, **kw})
 
@@ -226,8 +226,21 @@ def dinov2_vitb14(**kw):
                                 "layerscale_init": 1.0, "mask_token": True, **kw})
 
 
+def dinov2_vits14_reg(**kw):
+    """DINOv2 ViT-S/14 with 4 register tokens, as torch.hub's dinov2_vits14_reg (dinov2/hub/backbones.py): the
+    518-px table resized by size (interpolate_offset 0). The hub also resizes it with antialias=True, which
+    interpolate_pos_encoding does not: at input sizes other than 518 px the features differ (README)."""
+    return dinov2_vits14(**{"num_register_tokens": 4, "interpolate_offset": 0.0, **kw})
+
+
+def dinov2_vitb14_reg(**kw):
+    """DINOv2 ViT-B/14 with 4 register tokens, as torch.hub's dinov2_vitb14_reg (see dinov2_vits14_reg)."""
+    return dinov2_vitb14(**{"num_register_tokens": 4, "interpolate_offset": 0.0, **kw})
+
+
 ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base,
-         "dinov2_vits14": dinov2_vits14, "dinov2_vitb14": dinov2_vitb14}
+         "dinov2_vits14": dinov2_vits14, "dinov2_vitb14": dinov2_vitb14,
+         "dinov2_vits14_reg": dinov2_vits14_reg, "dinov2_vitb14_reg": dinov2_vitb14_reg}
 
 
 def build_vit(arch, patch_size=None, **kw):
