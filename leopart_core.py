@@ -4,9 +4,11 @@ alignment, foreground mask, loss, teacher EMA and checkpoint loading.
 Imports only torch, torchvision and the standard library, so it can be copied into another project.
 Section numbers ("SPEC 4.2") refer to the spec of the original implementation; equation numbers to the paper.
 """
+import json
 import math
 import os
 import pickle
+import struct
 import tempfile
 from argparse import Namespace
 
@@ -213,8 +215,8 @@ def vit_base(patch_size=16, **kw):
 
 
 def dinov2_vits14(**kw):
-    """DINOv2 ViT-S/14 as on torch.hub: 518-px (37x37) position table, LayerScale, `mask_token`; registers with
-    `num_register_tokens=4`."""
+    """DINOv2 ViT-S/14 as on torch.hub: 518-px (37x37) position table, LayerScale, `mask_token` (registers:
+    dinov2_vits14_reg)."""
     return VisionTransformer(**{"img_size": 518, "patch_size": 14, "embed_dim": 384, "depth": 12, "num_heads": 6,
                                 "layerscale_init": 1.0, "mask_token": True, **kw})
 
@@ -224,8 +226,21 @@ def dinov2_vitb14(**kw):
                                 "layerscale_init": 1.0, "mask_token": True, **kw})
 
 
+def dinov2_vits14_reg(**kw):
+    """DINOv2 ViT-S/14 with 4 register tokens, as torch.hub's dinov2_vits14_reg (dinov2/hub/backbones.py): the
+    518-px table resized by size (interpolate_offset 0). The hub also resizes it with antialias=True, which
+    interpolate_pos_encoding does not: at input sizes other than 518 px the features differ (README)."""
+    return dinov2_vits14(**{"num_register_tokens": 4, "interpolate_offset": 0.0, **kw})
+
+
+def dinov2_vitb14_reg(**kw):
+    """DINOv2 ViT-B/14 with 4 register tokens, as torch.hub's dinov2_vitb14_reg (see dinov2_vits14_reg)."""
+    return dinov2_vitb14(**{"num_register_tokens": 4, "interpolate_offset": 0.0, **kw})
+
+
 ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base,
-         "dinov2_vits14": dinov2_vits14, "dinov2_vitb14": dinov2_vitb14}
+         "dinov2_vits14": dinov2_vits14, "dinov2_vitb14": dinov2_vitb14,
+         "dinov2_vits14_reg": dinov2_vits14_reg, "dinov2_vitb14_reg": dinov2_vitb14_reg}
 
 
 def build_vit(arch, patch_size=None, **kw):
@@ -244,18 +259,98 @@ def build_vit(arch, patch_size=None, **kw):
 # ----------------------------------------------------------------------------------------------------------------
 
 HEAD_PREFIXES = ("projection_head.", "prototypes.", "head.")
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what a Hugging Face hub snapshot folder holds
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """Read a .safetensors file -> {name: CPU tensor}, without the safetensors package.
+
+    The documented format: an 8-byte little-endian header length N; N bytes of JSON mapping each name to its dtype,
+    shape and data_offsets [begin, end) into the data region that follows (plus an optional `__metadata__`); then
+    the raw little-endian tensor bytes, which tile the data region without gaps or overlaps. A file that breaks any
+    of this (truncated, damaged, an unknown dtype) is a ValueError naming the file.
+    """
+    path = str(path)
+
+    def damaged(why):
+        return ValueError(f"cannot read safetensors file {path}: {why}. Expected a complete .safetensors file "
+                          "(is it truncated or damaged?)")
+
+    file_size = os.path.getsize(path)
+    if file_size < 8:
+        raise damaged(f"{file_size} bytes, fewer than the 8-byte header length")
+    with open(path, "rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        data_size = file_size - 8 - header_size
+        if data_size < 0:
+            raise damaged(f"the header length is {header_size} bytes, but the file has only {file_size}")
+        try:
+            header = json.loads(f.read(header_size))
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            raise damaged(f"the header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise damaged("the header is not a JSON object")
+        header.pop("__metadata__", None)
+        entries = []
+        for name, entry in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                shape = [int(n) for n in entry["shape"]]
+                begin, end = (int(o) for o in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise damaged(f"tensor {name!r} has the header entry {entry!r}; expected a dtype of "
+                              f"{'/'.join(SAFETENSORS_DTYPES)}, a shape and two data_offsets") from None
+            if min(shape, default=0) < 0 or end - begin != math.prod(shape) * dtype.itemsize:
+                raise damaged(f"tensor {name!r} spans data bytes {begin}..{end}, but {entry['dtype']} "
+                              f"{shape} needs {math.prod(shape) * dtype.itemsize} bytes")
+            entries.append((begin, end, name, dtype, shape))
+        entries.sort(key=lambda e: e[:2])
+        position = 0
+        for begin, end, name, _, _ in entries:
+            if begin != position:
+                raise damaged(f"tensor {name!r} starts at data byte {begin}, not at {position}: the tensors must "
+                              "tile the data region without gaps or overlaps")
+            position = end
+        if position != data_size:
+            raise damaged(f"the tensors fill {position} data bytes, but the file holds {data_size}")
+        tensors = {}
+        for begin, end, name, dtype, shape in entries:  # in file order: one sequential read, no second copy
+            buffer = bytearray(end - begin)
+            if f.readinto(buffer) != len(buffer):
+                raise damaged(f"the file ended inside tensor {name!r}")
+            tensors[name] = (torch.frombuffer(buffer, dtype=dtype).reshape(shape) if buffer
+                             else torch.empty(shape, dtype=dtype))
+    return tensors
 
 
 def read_checkpoint(path_or_url):
-    """Load a checkpoint file or URL (torch.hub cache) to CPU, with a clear error for a missing or damaged file.
+    """Load a checkpoint to CPU, with a clear error for a missing or damaged file: a torch.save file or URL (torch.hub
+    cache), a .safetensors file, or a Hugging Face hub snapshot folder (its model.safetensors or pytorch_model.bin).
 
-    Loads with `weights_only=True`; DINO's full checkpoints also pickle their argparse Namespace, which is allowed.
+    torch.save files load with `weights_only=True`; DINO's full checkpoints also pickle their argparse Namespace,
+    which is allowed.
     """
     path_or_url = str(path_or_url)
     if path_or_url.startswith(("http://", "https://")):
+        if path_or_url.endswith(".safetensors"):
+            raise ValueError(f"{path_or_url}: .safetensors URLs are not read; download the hub snapshot "
+                             "(e.g. `huggingface-cli download <model>`) and pass its folder")
         return torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", weights_only=True)
+    if os.path.isdir(path_or_url):
+        found = [os.path.join(path_or_url, n) for n in HUB_WEIGHT_FILES
+                 if os.path.isfile(os.path.join(path_or_url, n))]
+        if not found:
+            held = ", ".join(sorted(os.listdir(path_or_url))[:8]) or "nothing"
+            raise FileNotFoundError(f"folder {path_or_url} holds no {' or '.join(HUB_WEIGHT_FILES)}, as a Hugging "
+                                    f"Face hub snapshot does (it holds: {held})")
+        path_or_url = found[0]
     if not os.path.isfile(path_or_url):
         raise FileNotFoundError(f"checkpoint {path_or_url} does not exist")
+    if path_or_url.endswith(".safetensors"):
+        return read_safetensors(path_or_url)
     try:
         with torch.serialization.safe_globals([Namespace]):
             return torch.load(path_or_url, map_location="cpu", weights_only=True)
@@ -264,13 +359,144 @@ def read_checkpoint(path_or_url):
                          "Expected a complete torch.save file (is it truncated, or not a checkpoint?)") from None
 
 
+def read_hub_config(path):
+    """The transformers config.json of a hub snapshot folder, or beside a model.safetensors / pytorch_model.bin in
+    one -> dict, or None when there is none (timm's snapshots have a config.json without `model_type`: None)."""
+    path = str(path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path) if os.path.basename(path) in HUB_WEIGHT_FILES \
+        else None
+    config_path = os.path.join(folder or "", "config.json")
+    if folder is None or not os.path.isfile(config_path):
+        return None
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"cannot read {config_path}: {e}") from None
+    return config if isinstance(config, dict) and "model_type" in config else None
+
+
+def check_hub_config(config, state, source):
+    """Check a transformers config.json against the backbone tensors (DINO names) -> its num_attention_heads, which
+    the tensors cannot show. The tensors decide the architecture: any field that contradicts them is a ValueError.
+
+    layer_norm_eps is not compared: transformers' DINO conversion (convert_dino_to_pytorch.py) keeps ViTConfig's
+    default 1e-12, while DINO was trained with 1e-6, which this ViT uses (SPEC 2.1).
+    """
+    vit = vit_config_from_state_dict(state)
+    D = vit["embed_dim"]
+    model_type = ("vit" if vit["layerscale_init"] is None else
+                  "dinov2_with_registers" if vit["num_register_tokens"] else "dinov2")
+    expected = {"model_type": model_type, "hidden_size": D, "num_hidden_layers": vit["depth"],
+                "patch_size": vit["patch_size"], "image_size": vit["img_size"], "qkv_bias": vit["qkv_bias"],
+                "num_register_tokens": vit["num_register_tokens"], "mlp_ratio": vit["mlp_ratio"],
+                "intermediate_size": round(D * vit["mlp_ratio"]), "hidden_act": "gelu", "use_swiglu_ffn": False}
+    wrong = [f"{k} {config[k]!r} (tensors: {v!r})" for k, v in expected.items() if k in config and config[k] != v]
+    num_heads = config.get("num_attention_heads")
+    if num_heads is not None and (not isinstance(num_heads, int) or num_heads < 1 or D % num_heads):
+        wrong.append(f"num_attention_heads {num_heads!r} (must divide the embed_dim {D})")
+    if wrong:
+        raise ValueError(f"{source}: its config.json does not fit its tensors, a {describe_vit(vit)}: "
+                         + "; ".join(wrong))
+    return num_heads
+
+
+# Hugging Face transformers names -> DINO names: the inverse of the rename tables of transformers'
+# convert_dinov2_to_hf.py, convert_dinov2_with_registers_to_hf.py and vit/convert_dino_to_pytorch.py.
+HF_ANCHOR = "embeddings.patch_embeddings.projection.weight"
+HF_NAMES = {"embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
+            "embeddings.register_tokens": "register_tokens", "embeddings.position_embeddings": "pos_embed",
+            "embeddings.patch_embeddings.projection.": "patch_embed.proj.", "layernorm.": "norm."}
+HF_BLOCK_NAMES = {  # inside encoder.layer.N; attention.attention.{query,key,value} are fused into attn.qkv
+    "Dinov2Model": {"norm1.": "norm1.", "norm2.": "norm2.", "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2.",
+                    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+                    "attention.output.dense.": "attn.proj."},
+    "ViTModel": {"layernorm_before.": "norm1.", "layernorm_after.": "norm2.", "intermediate.dense.": "mlp.fc1.",
+                 "output.dense.": "mlp.fc2.", "attention.output.dense.": "attn.proj."}}
+HF_NOT_BACKBONE = ("pooler.", "classifier.")  # ViTModel's pooler; the *ForImageClassification heads
+
+
+def rename_by_table(name, table):
+    """`name` with its table entry replaced ('a.' entries match every a.* name, others whole names), or None."""
+    for old, new in table.items():
+        if name == old or (old.endswith(".") and name.startswith(old)):
+            return new + name[len(old):]
+    return None
+
+
+def hf_to_dino_names(tensors):
+    """A Hugging Face Dinov2Model, Dinov2WithRegistersModel or ViTModel state dict, under any prefix (`dinov2.`,
+    `vit.` of the classification models) -> (state dict with DINO names, format name); (tensors, None) when it
+    holds no such model.
+
+    query, key and value (D, D) are concatenated in that order into DINO's fused qkv (3D, D), as the conversions
+    split it. Names no table knows keep their original spelling, so the strict load reports them as unexpected.
+    """
+    prefixes = [k[:-len(HF_ANCHOR)] for k in tensors if k.endswith(HF_ANCHOR)]
+    if not prefixes:
+        return tensors, None
+    if len(prefixes) > 1:
+        raise ValueError(f"ambiguous Hugging Face checkpoint: models under the prefixes {prefixes}")
+    prefix = prefixes[0]
+    arch = "ViTModel" if any(".layernorm_before." in k for k in tensors) else "Dinov2Model"
+    state, qkv = {}, {}
+    for key, value in tensors.items():
+        inside = key.startswith(prefix)
+        name = key[len(prefix):] if inside else key
+        if name.startswith(HF_NOT_BACKBONE):
+            continue
+        new = None
+        if inside and name.startswith("encoder.layer."):
+            block, _, name = name[len("encoder.layer."):].partition(".")
+            if name.startswith("attention.attention."):
+                part, _, param = name[len("attention.attention."):].partition(".")
+                qkv.setdefault((block, param), {})[part] = (key, value)
+                continue
+            new = rename_by_table(name, HF_BLOCK_NAMES[arch])
+            new = new and f"blocks.{block}.{new}"
+        elif inside:
+            new = rename_by_table(name, HF_NAMES)
+        state[new or key] = value
+    for (block, param), parts in qkv.items():
+        if sorted(parts) == ["key", "query", "value"] and len({v.shape for _, v in parts.values()}) == 1:
+            state[f"blocks.{block}.attn.qkv.{param}"] = torch.cat([parts[p][1] for p in ("query", "key", "value")])
+        else:  # incomplete or unknown: left under their own names for the strict load to report
+            state.update(parts.values())
+    if "register_tokens" in state:
+        arch = "Dinov2WithRegistersModel"
+    return state, f"Hugging Face {arch}" + (f" (prefix '{prefix}')" if prefix else "")
+
+
+def timm_to_dino_names(state):
+    """A DINO-named backbone in timm's layout -> (state dict in DINO's layout, list of the differences found).
+
+    timm keeps DINO's names except (timm vision_transformer.py: _convert_dinov2 and the *_reg4_dinov2 models):
+    registers are `reg_token`; register models have no CLS position in pos_embed (`no_embed_class`), their cls_token
+    holding cls_token + CLS position, so the CLS position is taken as zeros, which computes the same tokens; and
+    DINOv2's mask_token, which timm drops and this ViT never uses, comes back as zeros.
+    """
+    state, changes = dict(state), []
+    if "reg_token" in state:
+        state["register_tokens"] = state.pop("reg_token")
+        changes.append("reg_token")
+    pos_embed = state.get("pos_embed")
+    if pos_embed is not None and pos_embed.dim() == 3 and math.isqrt(pos_embed.shape[1]) ** 2 == pos_embed.shape[1]:
+        state["pos_embed"] = torch.cat([pos_embed.new_zeros(pos_embed.shape[0], 1, pos_embed.shape[2]), pos_embed], 1)
+        changes.append("pos_embed without the CLS position")
+    if "blocks.0.ls1.gamma" in state and "mask_token" not in state and "cls_token" in state:
+        state["mask_token"] = state["cls_token"].new_zeros(1, state["cls_token"].shape[-1])
+        changes.append("no mask_token")
+    return state, changes
+
+
 def backbone_state_dict(checkpoint):
     """Find the ViT backbone in any supported checkpoint -> (state dict with DINO key names, format name).
 
     Supported: a DINO/DINOv2 backbone `.pth`; a DINO full checkpoint (its `teacher`, SPEC 9.1); the released Leopart
     `.ckpt` and Lightning checkpoints (`model.*` = the student, used for evaluation, SPEC 8.6, 9.3); this project's
-    training checkpoints (`student.backbone.*`) and exports; `module.` / `backbone.` prefixes.
-    Projection heads and prototypes are dropped.
+    training checkpoints (`student.backbone.*`) and exports; `module.` / `backbone.` prefixes; Hugging Face
+    Dinov2Model / Dinov2WithRegistersModel / ViTModel names; timm's DINO and DINOv2 layouts.
+    Projection heads, prototypes and classifiers are dropped.
     """
     if not isinstance(checkpoint, dict):
         raise ValueError(f"expected a dict of tensors, got {type(checkpoint).__name__}")
@@ -281,7 +507,8 @@ def backbone_state_dict(checkpoint):
         checkpoint, fmt = checkpoint["model"], "training checkpoint"
     elif isinstance(checkpoint.get("teacher"), dict):
         checkpoint, fmt = checkpoint["teacher"], "DINO full checkpoint (teacher)"
-    tensors = {k: v for k, v in checkpoint.items() if torch.is_tensor(v)}
+    tensors, hf_format = hf_to_dino_names({k: v for k, v in checkpoint.items() if torch.is_tensor(v)})
+    fmt = hf_format or fmt
     prefixes = [k[:-len("cls_token")] for k in tensors if k.endswith("cls_token")]
     if not prefixes:
         sample = ", ".join(list(tensors)[:6]) or "no tensors"
@@ -293,7 +520,7 @@ def backbone_state_dict(checkpoint):
         prefixes = preferred
     prefix = prefixes[0]
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+    state, timm_changes = timm_to_dino_names({k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)})
     if prefix == "model.":
         fmt = "Leopart checkpoint (model.*)" if fmt == "state dict" else f"{fmt} (model.*)"
     elif prefix == "student.backbone.":
@@ -302,6 +529,8 @@ def backbone_state_dict(checkpoint):
         fmt = f"{fmt} (prefix '{prefix}')"
     elif fmt == "state dict":
         fmt = "DINOv2 backbone" if "blocks.0.ls1.gamma" in state else "DINO backbone"
+    if timm_changes:
+        fmt += f" in timm layout ({', '.join(timm_changes)})"
     return state, fmt
 
 
@@ -325,13 +554,30 @@ def describe_vit(config):
             f"{config['img_size']}-px position table")
 
 
-def load_state_strict(model, state, what):
-    """`load_state_dict(strict=True)` that names every missing, unexpected and mis-shaped key in its error."""
+def read_backbone(path_or_url):
+    """Any supported checkpoint file, URL or hub folder -> (backbone state dict with DINO names, format name,
+    num_heads from a transformers config.json checked against the tensors, or None)."""
+    state, fmt = backbone_state_dict(read_checkpoint(path_or_url))
+    config = read_hub_config(path_or_url)
+    if config is None:
+        return state, fmt, None
+    try:
+        num_heads = check_hub_config(config, state, path_or_url)
+    except KeyError:  # an incomplete backbone: the strict load names what is missing
+        num_heads = None
+    return state, f"{fmt} with config.json", num_heads
+
+
+def load_state_strict(model, state, what, num_heads=None):
+    """`load_state_dict(strict=True)` that names every missing, unexpected and mis-shaped key in its error; with
+    `num_heads` (from a config.json: the tensors cannot show it) the model's head count must match too."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in own if k in state and state[k].shape != own[k].shape]
+    if num_heads is not None and num_heads != model.num_heads:
+        mismatched.append(f"attention heads: config.json {num_heads} vs model {model.num_heads}")
     if missing or unexpected or mismatched:
         def show(keys):
             return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "")
@@ -344,27 +590,32 @@ def load_state_strict(model, state, what):
 
 def load_pretrained(model, path_or_url):
     """Load a checkpoint's ViT backbone into `model` strictly (SPEC 9); returns the detected format name."""
-    state, fmt = backbone_state_dict(read_checkpoint(path_or_url))
+    state, fmt, num_heads = read_backbone(path_or_url)
     what = f"{path_or_url} ({fmt})"
     try:
         what += f", a {describe_vit(vit_config_from_state_dict(state))}, into a " \
                 f"{describe_vit(vit_config_from_state_dict(model.state_dict()))}"
     except KeyError:  # an incomplete backbone: the key lists below say what is missing
         pass
-    load_state_strict(model, state, what)
+    load_state_strict(model, state, what, num_heads)
     return fmt
 
 
 def load_backbone(path_or_url, arch=None, patch_size=None, **kw):
     """Build the ViT a checkpoint holds and load it. With `arch=None` the architecture is read off the tensor
-    shapes; with an explicit `arch` a checkpoint of another shape is an error."""
-    state, fmt = backbone_state_dict(read_checkpoint(path_or_url))
+    shapes (and the head count off a hub config.json); a backbone with registers is built as torch.hub's
+    dinov2_*_reg are (position table resized by size). With an explicit `arch` a checkpoint of another shape is an
+    error."""
+    state, fmt, num_heads = read_backbone(path_or_url)
     try:
         config = vit_config_from_state_dict(state)
     except KeyError as e:
         raise ValueError(f"{path_or_url} ({fmt}) is not a complete ViT backbone: no key {e}") from None
-    model = build_vit(arch, patch_size, **kw) if arch else VisionTransformer(**config, **kw)
-    load_state_strict(model, state, f"{path_or_url} ({fmt}), a {describe_vit(config)}")
+    config["num_heads"] = num_heads or config["num_heads"]
+    if config["num_register_tokens"]:
+        config["interpolate_offset"] = 0.0
+    model = build_vit(arch, patch_size, **kw) if arch else VisionTransformer(**{**config, **kw})
+    load_state_strict(model, state, f"{path_or_url} ({fmt}), a {describe_vit(config)}", num_heads)
     return model
 
 
