@@ -108,11 +108,12 @@ class Block(nn.Module):
         return x, cls_attention
 
 
-def interpolate_pos_encoding(pos_embed, grid_h, grid_w, offset=0.1):
+def interpolate_pos_encoding(pos_embed, grid_h, grid_w, offset=0.1, antialias=False):
     """Resize the (1, 1 + M*M, D) position table to a grid_h x grid_w token grid, exactly as DINO / DINOv2 do.
 
     Bicubic with `scale_factor=((grid + offset) / M)`, not `size=` (SPEC 2.1, 10.11: `size=` differs by up to 0.34
-    at 28x28); offset 0 switches to `size=` (the convention of some exported DINOv2 graphs).
+    at 28x28); offset 0 switches to `size=` (the convention of some exported DINOv2 graphs and of the register
+    models, which also antialias).
     """
     num_patches = pos_embed.shape[1] - 1
     M = int(math.sqrt(num_patches))
@@ -124,7 +125,7 @@ def interpolate_pos_encoding(pos_embed, grid_h, grid_w, offset=0.1):
         resize = dict(scale_factor=((grid_h + offset) / M, (grid_w + offset) / M))
     else:
         resize = dict(size=(grid_h, grid_w))
-    patch_pos = F.interpolate(patch_pos, mode="bicubic", align_corners=False, **resize)
+    patch_pos = F.interpolate(patch_pos, mode="bicubic", align_corners=False, antialias=antialias, **resize)
     if patch_pos.shape[-2:] != (grid_h, grid_w):
         raise RuntimeError(f"position-embedding interpolation gave {tuple(patch_pos.shape[-2:])}, "
                            f"expected {(grid_h, grid_w)}")
@@ -143,10 +144,10 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
                  qkv_bias=True, drop_path_rate=0.0, layerscale_init=None, num_register_tokens=0,
-                 interpolate_offset=0.1, mask_token=False):
+                 interpolate_offset=0.1, interpolate_antialias=False, mask_token=False):
         super().__init__()
         self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
-        self.interpolate_offset = interpolate_offset
+        self.interpolate_offset, self.interpolate_antialias = interpolate_offset, interpolate_antialias
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch_size) ** 2, embed_dim))
@@ -186,7 +187,8 @@ class VisionTransformer(nn.Module):
         if H % P or W % P:
             raise ValueError(f"input size {H}x{W} is not divisible by the patch size {P}")
         tokens = torch.cat([self.cls_token.expand(B, -1, -1), self.patch_embed(x)], dim=1)
-        tokens = tokens + interpolate_pos_encoding(self.pos_embed, H // P, W // P, self.interpolate_offset)
+        tokens = tokens + interpolate_pos_encoding(self.pos_embed, H // P, W // P, self.interpolate_offset,
+                                                   self.interpolate_antialias)
         if self.register_tokens is not None:  # registers carry no position embedding (DINOv2)
             tokens = torch.cat([tokens[:, :1], self.register_tokens.expand(B, -1, -1), tokens[:, 1:]], dim=1)
         for i, block in enumerate(self.blocks):
@@ -226,16 +228,18 @@ def dinov2_vitb14(**kw):
                                 "layerscale_init": 1.0, "mask_token": True, **kw})
 
 
+# torch.hub's register models (dinov2/hub/backbones.py) resize the 518-px position table by size, antialiased
+REGISTER_POS_RESIZE = dict(interpolate_offset=0.0, interpolate_antialias=True)
+
+
 def dinov2_vits14_reg(**kw):
-    """DINOv2 ViT-S/14 with 4 register tokens, as torch.hub's dinov2_vits14_reg (dinov2/hub/backbones.py): the
-    518-px table resized by size (interpolate_offset 0). The hub also resizes it with antialias=True, which
-    interpolate_pos_encoding does not: at input sizes other than 518 px the features differ (README)."""
-    return dinov2_vits14(**{"num_register_tokens": 4, "interpolate_offset": 0.0, **kw})
+    """DINOv2 ViT-S/14 with 4 register tokens, as torch.hub's dinov2_vits14_reg."""
+    return dinov2_vits14(**{"num_register_tokens": 4, **REGISTER_POS_RESIZE, **kw})
 
 
 def dinov2_vitb14_reg(**kw):
-    """DINOv2 ViT-B/14 with 4 register tokens, as torch.hub's dinov2_vitb14_reg (see dinov2_vits14_reg)."""
-    return dinov2_vitb14(**{"num_register_tokens": 4, "interpolate_offset": 0.0, **kw})
+    """DINOv2 ViT-B/14 with 4 register tokens, as torch.hub's dinov2_vitb14_reg."""
+    return dinov2_vitb14(**{"num_register_tokens": 4, **REGISTER_POS_RESIZE, **kw})
 
 
 ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base,
@@ -604,7 +608,7 @@ def load_pretrained(model, path_or_url):
 def load_backbone(path_or_url, arch=None, patch_size=None, **kw):
     """Build the ViT a checkpoint holds and load it. With `arch=None` the architecture is read off the tensor
     shapes (and the head count off a hub config.json); a backbone with registers is built as torch.hub's
-    dinov2_*_reg are (position table resized by size). With an explicit `arch` a checkpoint of another shape is an
+    dinov2_*_reg are (position table resized by size, antialiased). With an explicit `arch` a checkpoint of another shape is an
     error."""
     state, fmt, num_heads = read_backbone(path_or_url)
     try:
@@ -613,7 +617,7 @@ def load_backbone(path_or_url, arch=None, patch_size=None, **kw):
         raise ValueError(f"{path_or_url} ({fmt}) is not a complete ViT backbone: no key {e}") from None
     config["num_heads"] = num_heads or config["num_heads"]
     if config["num_register_tokens"]:
-        config["interpolate_offset"] = 0.0
+        config.update(REGISTER_POS_RESIZE)
     model = build_vit(arch, patch_size, **kw) if arch else VisionTransformer(**{**config, **kw})
     load_state_strict(model, state, f"{path_or_url} ({fmt}), a {describe_vit(config)}", num_heads)
     return model

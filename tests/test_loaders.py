@@ -310,7 +310,8 @@ def test_register_constructors_are_the_hub_models():
         model = lc.build_vit(arch, depth=1)
         assert (model.embed_dim, model.num_heads, model.patch_size, model.num_register_tokens) == (dim, heads, 14, 4)
         assert model.pos_embed.shape == (1, 1 + 37 * 37, dim) and model.mask_token.shape == (1, dim)
-        assert model.interpolate_offset == 0.0  # torch.hub's reg models resize by size (interpolate_offset=0.0)
+        # torch.hub's reg models resize by size (interpolate_offset=0.0), antialiased (interpolate_antialias=True)
+        assert model.interpolate_offset == 0.0 and model.interpolate_antialias
 
 
 def test_dinov2_registers_round_trip_through_timm_and_hf_layouts(tmp_path):
