@@ -206,10 +206,10 @@ def test_photometric_crops_and_collate():
     # normalised: a mid-grey 0.5 maps near 0, and values span both signs on a real photo
     assert crops[0].min() < 0 < crops[0].max() and crops[0].abs().max() < 3.0
     batch = [ds[0], None, ds[1], ds[2]]
-    crops, boxes, skipped = data.multicrop_collate(batch)
+    crops, boxes, photometric, skipped = data.multicrop_collate(batch)
     assert skipped == 1 and crops[0].shape == (3, 3, 64, 64) and crops[2].shape == (3, 3, 32, 32)
-    assert boxes["gc"].shape == (3, 2, 6, 4) and boxes["all"].shape == (3, 6, 2, 4)
-    assert data.multicrop_collate([None, None]) == (None, None, 2)
+    assert boxes["gc"].shape == (3, 2, 6, 4) and boxes["all"].shape == (3, 6, 2, 4) and photometric is None
+    assert data.multicrop_collate([None, None]) == (None, None, None, 2)
 
 
 def test_unreadable_training_image_is_skipped_with_warning(tmp_path):
@@ -220,7 +220,7 @@ def test_unreadable_training_image_is_skipped_with_warning(tmp_path):
     assert len(ds) == 2
     with pytest.warns(UserWarning, match="bad.jpg"):
         items = [ds[i] for i in range(2)]
-    crops, boxes, skipped = data.multicrop_collate(items)
+    crops, boxes, photometric, skipped = data.multicrop_collate(items)
     assert skipped == 1 and crops[0].shape[0] == 1
 
 
