@@ -309,8 +309,8 @@ def adjust_hue(x, shift):
     h = torch.where(r == maxc, g - b, h)
     h.div_(delta.clamp(min=1e-12)).add_(6 * shift.view(-1, 1, 1))
     h.sub_(torch.floor(h / 6).mul_(6))  # mod 6
-    offsets = torch.tensor(HUE_CHANNEL_OFFSETS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    t = h.unsqueeze(1) + offsets  # in [0, 10), so its distance to 6Z is min(t, |t - 6|) where it matters (< 2)
+    t = torch.stack([h + offset for offset in HUE_CHANNEL_OFFSETS], 1)  # in [0, 10), so its distance to 6Z
+    # is min(t, |t - 6|) where it matters (< 2)
     profile = torch.minimum(t, (t - 6).abs_()).neg_().add_(2).clamp_(0, 1)
     return torch.addcmul(minc.unsqueeze(1), delta.unsqueeze(1), profile, out=x)
 
@@ -385,15 +385,15 @@ def photometric_on_device(crops, photometric, max_sigma):
     without PIL's rounding to 8 bits after each op (PIL also quantises the hue to 1/255 turn) and takes the
     contrast's mean grey level unrounded.
     """
-    mean = torch.tensor(IMAGENET_MEAN, device=crops[0].device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=crops[0].device).view(1, 3, 1, 1)
     views = []
     for v, crop in enumerate(crops):
         x = crop.float().div_(255)
         x = color_jitter(x, photometric["order"][:, v], photometric["factors"][:, v])
         x = x.lerp_(luma(x), photometric["grayscale"][:, v].to(x.dtype).view(-1, 1, 1, 1))  # RandomGrayscale
         x = blur(x, photometric["sigma"][:, v], max_sigma)
-        views.append(x.sub_(mean).div_(std))
+        for channel, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):
+            x[:, channel].sub_(mean).div_(std)  # Python numbers: a constant tensor would be a host-to-device copy
+        views.append(x)
     return views
 
 
