@@ -294,20 +294,23 @@ def blend_with_degenerate(x, op, factor):
 def adjust_hue(x, shift):
     """Rotate the hue of x (B, 3, H, W) in [0, 1] by shift (B,) turns in the HSV hexcone, as PIL (via its HSV
     mode) and torchvision's adjust_hue do; in place. Each pixel keeps its max and min channel; channel c becomes
-    min + (max - min) * P_c(h), h the rotated hue in sixths of a turn in [0, 6) and P_c the hexcone's piecewise
-    linear profile of channel c: 1 where c is the max, 0 where it is the min, linear in between."""
+    min + (max - min) * P_c(h), h the rotated hue in sixths of a turn in [0, 6) and P_c the hexcone's profile
+    of channel c: 1 where c is the max, 0 where it is the min, linear in between. One scratch plane serves all
+    the steps: on the CPU each fresh large tensor costs page faults."""
     r, g, b = x.unbind(1)
     maxc, minc = x.amax(1), x.amin(1)
     delta = maxc - minc
     # the hexcone hue in sixths of a turn from the channel holding the max (PIL's rgb2hsv): b, else g, else r
     h = (r - g).add_(delta, alpha=4)
-    h = torch.where(g == maxc, (b - r).add_(delta, alpha=2), h)
-    h = torch.where(r == maxc, g - b, h)
-    h.div_(delta.clamp(min=1e-12)).add_(6 * shift.view(-1, 1, 1))
-    h.sub_(torch.floor(h / 6).mul_(6))  # mod 6
-    profiles = torch.maximum(2 - h, h - 4), torch.minimum(h, 4 - h), torch.minimum(h - 2, 6 - h)  # R, G, B
-    for channel, profile in enumerate(profiles):
-        torch.addcmul(minc, delta, profile.clamp_(0, 1), out=x[:, channel])
+    scratch = (b - r).add_(delta, alpha=2)
+    torch.where(g == maxc, scratch, h, out=h)
+    torch.where(r == maxc, torch.sub(g, b, out=scratch), h, out=h)
+    h.div_(torch.clamp(delta, min=1e-12, out=scratch)).add_(6 * shift.view(-1, 1, 1))
+    h.sub_(torch.div(h, 6, out=scratch).floor_().mul_(6))  # mod 6
+    # R = clip(|h - 3| - 1), G = clip(2 - |h - 2|), B = clip(2 - |h - 4|)
+    for channel, (centre, sign, offset) in enumerate(((3.0, 1.0, -1.0), (2.0, -1.0, 2.0), (4.0, -1.0, 2.0))):
+        profile = torch.sub(h, centre, out=scratch).abs_().mul_(sign).add_(offset).clamp_(0, 1)
+        torch.addcmul(minc, delta, profile, out=x[:, channel])
     return x
 
 
@@ -1091,9 +1094,10 @@ def get_args_parser():
 
 def benchmark(args):
     """Images/s per core of the CPU stage of both modes, timed image by image in turns on the same images and
-    seeds, and the device stage's ms per image on one batch. On the CPU the clock is the process's CPU time (one
-    thread), which other processes on a shared machine do not inflate; on an accelerator it is the wall time up to
-    a sync, the best of five runs."""
+    seeds, and the device stage's ms per image on one batch, run 20 times spread over the same loop so that all
+    three figures see the same load of a shared machine. On the CPU the clock is the process's CPU time (one
+    thread), which other processes do not inflate by time-slicing; on an accelerator it is the wall time up to a
+    sync."""
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError(f"--num-images and --batch-size must be >= 1, got {args.num_images}, {args.batch_size}")
     torch.set_num_threads(1)
@@ -1102,34 +1106,35 @@ def benchmark(args):
         global_size=args.global_size, local_size=args.local_size, augment_on=place)), seed=0)
         for place in AUGMENT_PLACES}
     n = min(args.num_images, len(sets["cpu"]))
-    for i in range(n):  # warm-up: imports, and every file in the page cache for both modes
-        sets["device"][(0, i)]
+    warm = [sets["device"][(0, i)] for i in range(n)]  # imports, and every file in the page cache for both modes
+    crops, _, photometric, _ = multicrop_collate(warm[:args.batch_size])
+    crops = [c.to(device) for c in crops]
+    photometric = {k: v.to(device) for k, v in photometric.items()}
+    max_sigma = sets["device"].dataset.transform.blur_sigma[1]
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+
+    def device_stage():
+        start = clock()
+        views = photometric_on_device(crops, photometric, max_sigma)
+        views[-1][0, 0, 0, 0].item()  # waits for the device
+        return clock() - start
+
+    device_stage()  # warm-up
     seconds = dict.fromkeys(AUGMENT_PLACES, 0.0)
-    items = []
+    device_seconds, device_runs = 0.0, 0
     for i in range(n):
         for place in AUGMENT_PLACES if i % 2 == 0 else AUGMENT_PLACES[::-1]:
             start = time.process_time()
-            item = sets[place][(0, i)]
+            sets[place][(0, i)]
             seconds[place] += time.process_time() - start
-            if place == "device":
-                items.append(item)
+        if i % max(1, n // 20) == 0:
+            device_seconds += device_stage()
+            device_runs += 1
     cpu_rate, device_rate = n / seconds["cpu"], n / seconds["device"]
+    device_ms = 1000 * device_seconds / (device_runs * crops[0].shape[0])
 
-    transform = sets["device"].dataset.transform
-    crops, _, photometric, _ = multicrop_collate(items[:args.batch_size])
-    crops = [c.to(device) for c in crops]
-    photometric = {k: v.to(device) for k, v in photometric.items()}
-    clock = time.process_time if device.type == "cpu" else time.perf_counter
-    runs = []
-    for _ in range(6):  # the first run is a warm-up
-        start = clock()
-        views = photometric_on_device(crops, photometric, transform.blur_sigma[1])
-        views[-1][0, 0, 0, 0].item()  # waits for the device
-        runs.append(clock() - start)
-    device_ms = 1000 * min(runs[1:]) / crops[0].shape[0]
-
-    print(f"{n} images from {args.dataset}, {len(transform.sizes)} crops each ({args.global_size}/{args.local_size} "
-          f"px), one thread; device stage on batches of {crops[0].shape[0]}")
+    print(f"{n} images from {args.dataset}, {len(crops)} crops each ({args.global_size}/{args.local_size} px), one "
+          f"thread; device stage on a batch of {crops[0].shape[0]}, {device_runs} runs")
     print(f"device mode: the CPU stage saves {1000 / cpu_rate - 1000 / device_rate:.2f} ms per image; the device "
           f"stage costs {device_ms:.2f} ms per image on {device}")
     print(f"cpu-stage images/s per core: cpu {cpu_rate:.1f}, device {device_rate:.1f} "
