@@ -8,12 +8,14 @@ import json
 import math
 import random
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
@@ -80,28 +82,34 @@ def box_overlap_areas(box, others):
     return wh[:, 0] * wh[:, 1]
 
 
-class PILGaussianBlur:
-    """PIL's GaussianBlur with radius sigma ~ U[sigma_min, sigma_max] from Python's `random` (SPEC 1.2): the
-    original uses PIL's box approximation, not torchvision's kernel, and Python's RNG, not torch's."""
+AUGMENT_PLACES = ("cpu", "device")
 
-    def __init__(self, sigma=(0.1, 2.0)):
-        self.sigma = sigma
+# ITU-R 601-2 luma weights: PIL's convert("L"), which RandomGrayscale and ImageEnhance use on PIL images
+LUMA_601 = (0.299, 0.587, 0.114)
 
-    def __call__(self, img):
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.sigma[0], self.sigma[1])))
+# ColorJitter's ops in its numbering (the values of `order`), their PIL functions, and the factor that changes nothing
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+PIL_JITTER_FUNCTIONS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+NEUTRAL_FACTORS = (1.0, 1.0, 1.0, 0.0)
 
 
 class MultiCropTransform:
     """Leopart's multi-crop views of one PIL image and their pairwise overlap boxes (SPEC 1).
 
-    `__call__(pil_image) -> (crops, boxes)`: crops is a list of V = num_global + num_local tensors (3, s, s),
-    globals first; boxes is `{"gc": (G, V, 4), "all": (V, G, 4)}` float32 from `intersection_boxes` (SPEC 1.4).
+    `augment_on="cpu"` (the original): `__call__(pil_image) -> (crops, boxes)`, crops a list of V = num_global +
+    num_local float32 tensors (3, s, s), globals first, photometrically augmented and normalised here; boxes
+    `{"gc": (G, V, 4), "all": (V, G, 4)}` float32 from `intersection_boxes` (SPEC 1.4).
+    `augment_on="device"`: `__call__(pil_image) -> (crops, boxes, photometric)`, the same boxes and the same resized
+    crops as uint8 tensors (3, s, s), not augmented, with each crop's photometric parameters (`draw_photometric`,
+    stacked by `photometric_record`); `photometric_on_device` applies them to a whole batch on the training device.
+    Both modes make the same random draws in the same order, so for one seed they give the same boxes and the
+    device mode's parameters are exactly those the cpu mode applied.
 
     Crop sampling (SPEC 1.1, 1.3): `RandomResizedCrop.get_params` (area scale, aspect ratio 3/4..4/3 log-uniform).
     Crop 0 is kept as drawn; a later crop is redrawn until its intersection with every global crop drawn so far is
-    strictly greater than int(W*H*min_intersection), doubled for the global crops. Crops are drawn in order and each
-    gets its photometric augmentation before the next is drawn, so with the same torch/Python seeds the boxes are
-    the original code's.
+    strictly greater than int(W*H*min_intersection), doubled for the global crops. Each crop's box is drawn, then
+    its photometric parameters, then the next crop's box, so with the same torch/Python seeds the boxes are the
+    original code's.
 
     The original redraws forever, which never ends on an image too small or too thin for the threshold. Here at
     most `max_attempts` draws are made per crop; then a defined fallback box is used: for a global crop, the box
@@ -111,17 +119,21 @@ class MultiCropTransform:
 
     Photometric augmentation per crop (SPEC 1.2): ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p=0.8, grayscale
     p=0.2, PIL Gaussian blur sigma ~ U[0.1b, 2b] with p=0.5, ToTensor, ImageNet Normalize; no flips.
-    `photometric=False` returns the plain `ToTensor` of each crop (any PIL mode, e.g. a float 'F' image) and draws
-    no photometric random numbers: for geometry checks and visualisation.
+    `photometric=False` (cpu mode only) returns the plain `ToTensor` of each crop (any PIL mode, e.g. a float 'F'
+    image) and draws no photometric random numbers: for geometry checks and visualisation.
     """
 
     def __init__(self, global_size=224, local_size=96, num_global=2, num_local=4, global_scale=(0.25, 1.0),
                  local_scale=(0.05, 0.25), min_intersection=0.01, jitter_strength=1.0, blur_strength=1.0,
-                 max_attempts=100, photometric=True):
+                 max_attempts=100, photometric=True, augment_on="cpu"):
         if num_global < 1 or num_local < 0:
             raise ValueError(f"need num_global >= 1 and num_local >= 0, got {num_global}, {num_local}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if augment_on not in AUGMENT_PLACES:
+            raise ValueError(f"augment_on must be one of {AUGMENT_PLACES}, got {augment_on!r}")
+        if augment_on == "device" and not photometric:
+            raise ValueError("photometric=False draws no photometric parameters, so it needs augment_on='cpu'")
         self.num_global, self.num_local = num_global, num_local
         self.sizes = [global_size] * num_global + [local_size] * num_local
         self.scales = [tuple(global_scale)] * num_global + [tuple(local_scale)] * num_local
@@ -129,12 +141,10 @@ class MultiCropTransform:
         self.min_intersection = min_intersection
         self.max_attempts = max_attempts
         self.photometric = photometric
+        self.augment_on = augment_on
         s, b = jitter_strength, blur_strength
-        self.color_transform = T.Compose([
-            T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([PILGaussianBlur((0.1 * b, 2.0 * b))], p=0.5),
-        ])
+        self.jitter = T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)  # its ranges, for ColorJitter.get_params
+        self.blur_sigma = (0.1 * b, 2.0 * b)
         self.final_transform = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def sample_box(self, i, img, boxes):
@@ -165,32 +175,257 @@ class MultiCropTransform:
         inter = torch.cat([g[:, :2].max(0).values, g[:, 2:].min(0).values])
         return inter if bool(torch.all(inter[2:] > inter[:2])) else boxes[0].clone()
 
+    def draw_photometric(self):
+        """One crop's photometric parameters (SPEC 1.2), drawn with exactly the random calls of the original's
+        Compose([RandomApply([ColorJitter], p=0.8), RandomGrayscale(p=0.2), RandomApply([GaussianBlur], p=0.5)]):
+        a torch.rand(1) for each of the three, ColorJitter.get_params (torch.randperm(4), then one torch uniform
+        per op) only when the jitter is applied, Python's random.uniform(0.1b, 2b) for sigma only when the blur is.
+
+        Returns dict(jitter, grayscale, blur: bool; order: the ops (JITTER_OPS indices) in the order they are
+        applied; factors: brightness, contrast, saturation and hue factors, None where jitter is off or the op's
+        strength is 0 (torchvision then skips the op); sigma: float, 0.0 without blur).
+        """
+        jitter = bool(torch.rand(1) <= 0.8)  # RandomApply skips when p < rand
+        order, factors = list(range(len(JITTER_OPS))), [None] * len(JITTER_OPS)
+        if jitter:
+            order, *factors = T.ColorJitter.get_params(self.jitter.brightness, self.jitter.contrast,
+                                                       self.jitter.saturation, self.jitter.hue)
+            order = order.tolist()
+        grayscale = bool(torch.rand(1) < 0.2)
+        blur = bool(torch.rand(1) <= 0.5)
+        sigma = random.uniform(*self.blur_sigma) if blur else 0.0
+        return dict(jitter=jitter, order=order, factors=factors, grayscale=grayscale, blur=blur, sigma=sigma)
+
+    def augment_pil(self, crop, params):
+        """The cpu mode's augmentation of one PIL crop with its `draw_photometric` parameters: the PIL functions
+        ColorJitter, RandomGrayscale and the original's blur call, in their order, then ToTensor and Normalize
+        (SPEC 1.2). Returns (3, s, s) float32."""
+        if params["jitter"]:
+            for op in params["order"]:
+                if params["factors"][op] is not None:
+                    crop = PIL_JITTER_FUNCTIONS[op](crop, params["factors"][op])
+        if params["grayscale"]:
+            crop = TF.rgb_to_grayscale(crop, num_output_channels=TF.get_dimensions(crop)[0])
+        if params["blur"]:  # PIL's box approximation of a Gaussian, not torchvision's kernel (SPEC 1.2)
+            crop = crop.filter(ImageFilter.GaussianBlur(radius=params["sigma"]))
+        return self.final_transform(crop)
+
     def __call__(self, img):
         boxes = torch.zeros(len(self.sizes), 4)
-        crops = []
-        for i, size in enumerate(self.sizes):
+        draws = []
+        for i in range(len(self.sizes)):
             boxes[i] = self.sample_box(i, img, boxes[:i])
-            x1, y1, x2, y2 = (int(v) for v in boxes[i].tolist())
-            crop = TF.resized_crop(img, y1, x1, y2 - y1, x2 - x1, [size, size], T.InterpolationMode.BILINEAR)
             if self.photometric:
-                crops.append(self.final_transform(self.color_transform(crop)))
-            else:
-                crops.append(TF.to_tensor(crop))
+                draws.append(self.draw_photometric())
         gc, all_ = intersection_boxes(boxes, self.sizes, self.num_global)
-        return crops, {"gc": gc, "all": all_}
+        crops = [resized_crop(img, box, size) for box, size in zip(boxes, self.sizes)]
+        if not self.photometric:
+            return [TF.to_tensor(crop) for crop in crops], {"gc": gc, "all": all_}
+        if self.augment_on == "cpu":
+            return [self.augment_pil(crop, p) for crop, p in zip(crops, draws)], {"gc": gc, "all": all_}
+        return [pil_to_uint8(crop) for crop in crops], {"gc": gc, "all": all_}, photometric_record(draws)
+
+
+def resized_crop(img, box, size):
+    """The square crop of `img` over the integer box (4,) (x1, y1, x2, y2), resized to size x size with PIL's
+    bilinear filter (SPEC 1.3)."""
+    x1, y1, x2, y2 = (int(v) for v in box.tolist())
+    return TF.resized_crop(img, y1, x1, y2 - y1, x2 - x1, [size, size], T.InterpolationMode.BILINEAR)
+
+
+def pil_to_uint8(img):
+    """(3, H, W) uint8 tensor of an RGB PIL image, its pixels unchanged."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
+
+
+def photometric_record(draws):
+    """The device mode's photometric parameters of V crops (their `draw_photometric` dicts) as tensors with a
+    leading crop dimension: jitter, grayscale, blur (V,) bool; order (V, 4) int64; factors (V, 4) float32
+    (brightness, contrast, saturation, hue), an op that is not applied at its neutral factor NEUTRAL_FACTORS;
+    sigma (V,) float32, 0 without blur. With neutral factors and sigma 0 the device ops are the identity, so
+    jitter and blur only record the draws."""
+    factors = [[neutral if f is None else f for f, neutral in zip(d["factors"], NEUTRAL_FACTORS)] for d in draws]
+    return dict(jitter=torch.tensor([d["jitter"] for d in draws]),
+                grayscale=torch.tensor([d["grayscale"] for d in draws]),
+                blur=torch.tensor([d["blur"] for d in draws]),
+                order=torch.tensor([d["order"] for d in draws], dtype=torch.int64),
+                factors=torch.tensor(factors, dtype=torch.float32),
+                sigma=torch.tensor([d["sigma"] for d in draws], dtype=torch.float32))
 
 
 def multicrop_collate(batch):
-    """Collate `(crops, boxes)` items, dropping None (unreadable images). Returns `(crops, boxes, num_skipped)`:
-    crops a list of V tensors (B, 3, s, s), boxes `{"gc": (B, G, V, 4), "all": (B, V, G, 4)}` (SPEC 1.4). When
-    every item was None, crops and boxes are None."""
+    """Collate multi-crop items of either mode, dropping None (unreadable images). Returns
+    `(crops, boxes, photometric, num_skipped)`: crops a list of V tensors (B, 3, s, s), boxes
+    `{"gc": (B, G, V, 4), "all": (B, V, G, 4)}` (SPEC 1.4), photometric None for cpu-mode items and the dict of
+    `photometric_record` tensors stacked to (B, V, ...) for device-mode items. When every item was None, crops,
+    boxes and photometric are None."""
     kept = [item for item in batch if item is not None]
     num_skipped = len(batch) - len(kept)
     if not kept:
-        return None, None, num_skipped
+        return None, None, None, num_skipped
     crops = [torch.stack([item[0][v] for item in kept]) for v in range(len(kept[0][0]))]
-    boxes = {key: torch.stack([item[1][key] for item in kept]) for key in kept[0][1]}
-    return crops, boxes, num_skipped
+    boxes = stack_dicts([item[1] for item in kept])
+    photometric = stack_dicts([item[2] for item in kept]) if len(kept[0]) == 3 else None
+    return crops, boxes, photometric, num_skipped
+
+
+def stack_dicts(dicts):
+    """{key: stack of that key's tensors} over a list of dicts with the same keys."""
+    return {key: torch.stack([d[key] for d in dicts]) for key in dicts[0]}
+
+
+def luma(x):
+    """ITU-R 601-2 luma (B, 1, H, W) of RGB images x (B, 3, H, W)."""
+    r, g, b = x.unbind(1)
+    return (r * LUMA_601[0]).add_(g, alpha=LUMA_601[1]).add_(b, alpha=LUMA_601[2]).unsqueeze(1)
+
+
+def blend_with_degenerate(x, op, factor):
+    """PIL's ImageEnhance, which ColorJitter's brightness, contrast and saturation use: x = clip(f x + (1 - f) d)
+    with d black (op 0), the image's mean grey level (op 1) or its grey image (op 2); per image op (B,) and
+    factor (B,), in place on x (B, 3, H, W) in [0, 1]. Factor 1 leaves an image exactly unchanged."""
+    gray = luma(x)
+    is_contrast = (op == JITTER_OPS.index("contrast")).to(x.dtype).view(-1, 1, 1, 1)
+    is_saturation = (op == JITTER_OPS.index("saturation")).to(x.dtype).view(-1, 1, 1, 1)
+    mean = gray.mean((2, 3), keepdim=True)
+    degenerate = gray.mul_(is_saturation).add_(mean * is_contrast)
+    return x.lerp_(degenerate, (1 - factor).view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def adjust_hue(x, shift):
+    """Rotate the hue of x (B, 3, H, W) in [0, 1] by shift (B,) turns in the HSV hexcone, as PIL (via its HSV
+    mode) and torchvision's adjust_hue do; in place. Each pixel keeps its max and min channel; channel c becomes
+    min + (max - min) * P_c(h), h the rotated hue in sixths of a turn in [0, 6) and P_c the hexcone's profile
+    of channel c: 1 where c is the max, 0 where it is the min, linear in between. One scratch plane serves all
+    the steps: on the CPU each fresh large tensor costs page faults."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    # the hexcone hue in sixths of a turn from the channel holding the max (PIL's rgb2hsv): b, else g, else r
+    h = (r - g).add_(delta, alpha=4)
+    scratch = (b - r).add_(delta, alpha=2)
+    torch.where(g == maxc, scratch, h, out=h)
+    torch.where(r == maxc, torch.sub(g, b, out=scratch), h, out=h)
+    h.div_(torch.clamp(delta, min=1e-12, out=scratch)).add_(6 * shift.view(-1, 1, 1))
+    h.sub_(torch.div(h, 6, out=scratch).floor_().mul_(6))  # mod 6
+    # R = clip(|h - 3| - 1), G = clip(2 - |h - 2|), B = clip(2 - |h - 4|)
+    for channel, (centre, sign, offset) in enumerate(((3.0, 1.0, -1.0), (2.0, -1.0, 2.0), (4.0, -1.0, 2.0))):
+        profile = torch.sub(h, centre, out=scratch).abs_().mul_(sign).add_(offset).clamp_(0, 1)
+        torch.addcmul(minc, delta, profile, out=x[:, channel])
+    return x
+
+
+def color_jitter(x, order, factors):
+    """ColorJitter of x (B, 3, H, W) in [0, 1] with per-image op order (B, 4) (JITTER_OPS indices) and factors
+    (B, 4) (brightness, contrast, saturation, hue), in place. The hue shift, the one op that is not a blend, runs
+    once for the whole batch; the blends run in the three steps before it and the three after it, each image
+    taking at step k its k-th op where that comes before (after) its hue, and factor 1, the identity, elsewhere.
+    So every image gets its own order with no host-side branching."""
+    hue = JITTER_OPS.index("hue")
+    hue_step = (order == hue).int().argmax(1)
+    step_factors = factors.gather(1, order)  # (B, 4): the factor of each image's k-th op
+    for k in range(order.shape[1] - 1):
+        x = blend_with_degenerate(x, order[:, k], torch.where(k < hue_step, step_factors[:, k], 1.0))
+    x = adjust_hue(x, factors[:, hue])
+    for k in range(1, order.shape[1]):
+        x = blend_with_degenerate(x, order[:, k], torch.where(k > hue_step, step_factors[:, k], 1.0))
+    return x
+
+
+BLUR_PASSES = 3  # PIL's GaussianBlur is three box blurs
+
+
+def box_blur_radius(sigma):
+    """PIL's extended box radius l + a (integer part l, fraction a) whose BLUR_PASSES passes have variance sigma^2
+    (Gwosdek et al. 2011, as in PIL's BoxBlur.c); works on floats and tensors alike."""
+    var = sigma * sigma / BLUR_PASSES
+    l = ((12 * var + 1) ** 0.5 - 1) // 2
+    a = (2 * l + 1) * (l * (l + 1) - 3 * var) / (6 * (var - (l + 1) ** 2))
+    return l, a
+
+
+def pil_blur_kernels(sigma, max_sigma):
+    """The 1-D kernels (B, 2R + 1) of PIL's GaussianBlur(radius=sigma) for sigma (B,) <= max_sigma: BLUR_PASSES
+    extended box blurs (weights 1 on |k| <= l and a at |k| = l + 1, over 2l + 1 + 2a) composed into one kernel of
+    the fixed radius R = BLUR_PASSES * (l(max_sigma) + 1); sigma 0 gives the identity."""
+    l, a = box_blur_radius(sigma)
+    radius = BLUR_PASSES * (int(box_blur_radius(max_sigma)[0]) + 1)
+    taps = torch.arange(-radius, radius + 1, dtype=sigma.dtype, device=sigma.device).abs()
+    box = (taps <= l[:, None]).to(sigma.dtype) + a[:, None] * (taps == l[:, None] + 1)
+    box = box / (2 * l + 1 + 2 * a)[:, None]
+    kernel = box
+    for _ in range(BLUR_PASSES - 1):
+        kernel = F.conv1d(F.pad(kernel[None], (radius, radius)), box[:, None], groups=len(sigma))[0]
+    return kernel
+
+
+def blur(x, sigma, max_sigma):
+    """PIL's GaussianBlur(radius=sigma) of each image of x (B, C, H, W) with its sigma (B,), sigma 0 being the
+    identity: one separable depthwise convolution with `pil_blur_kernels`, edges replicated, in float. PIL
+    replicates the edge before each of its box passes, this once before all of them (three times faster), which
+    changes only pixels within R of a border, by at most 24/255 (measured in tests/test_data.py)."""
+    batch, channels, height, width = x.shape
+    kernel = pil_blur_kernels(sigma, max_sigma).repeat_interleave(channels, 0)
+    radius = kernel.shape[1] // 2
+    y = F.pad(x.reshape(1, batch * channels, height, width), (radius,) * 4, mode="replicate")
+    y = F.conv2d(y, kernel.view(batch * channels, 1, 1, -1), groups=batch * channels)
+    y = F.conv2d(y, kernel.view(batch * channels, 1, -1, 1), groups=batch * channels)
+    return y.view(batch, channels, height, width)
+
+
+def photometric_on_device(crops, photometric, max_sigma):
+    """The device mode's photometric augmentation (SPEC 1.2) and ImageNet normalisation of a batch, on the device
+    the tensors are on, one batched pass per crop index with per-image parameters and no host syncs.
+
+    crops: V uint8 tensors (B, 3, s, s); photometric: `multicrop_collate`'s dict of (B, V, ...) tensors, on the
+    same device; max_sigma: the transform's largest blur sigma (`MultiCropTransform.blur_sigma[1]`), which fixes
+    the kernel size. Returns V float32 tensors (B, 3, s, s), ready for the model.
+
+    The ops are PIL's (ImageEnhance blends, HSV hexcone hue, ITU-R 601-2 grey, its three-box Gaussian blur), so
+    it departs from the cpu mode only in precision (measured in tests/test_data.py): it computes in float32
+    without PIL's rounding to 8 bits after each op (PIL also quantises the hue to 1/255 turn), takes the
+    contrast's mean grey level unrounded, and replicates the crop's edge once for the whole blur (`blur`).
+    """
+    views = []
+    for v, crop in enumerate(crops):
+        x = crop.float().div_(255)
+        x = color_jitter(x, photometric["order"][:, v], photometric["factors"][:, v])
+        x = x.lerp_(luma(x), photometric["grayscale"][:, v].to(x.dtype).view(-1, 1, 1, 1))  # RandomGrayscale
+        x = blur(x, photometric["sigma"][:, v], max_sigma)
+        for channel, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):
+            x[:, channel].sub_(mean).div_(std)  # Python numbers: a constant tensor would be a host-to-device copy
+        views.append(x)
+    return views
+
+
+class SeededViews(Dataset):
+    """The training set keyed by (epoch, index): item (e, i) is item i of `dataset` drawn with its own seed
+    (seed * 1_000_003 + e) * 10_000_019 + i for Python's and torch's RNGs, so the random crops of sample i in
+    epoch e are the same whatever the worker count, the process count, the call order or where a resumed run
+    restarts. The epoch comes with the key rather than as an attribute, so persistent DataLoader workers, which
+    never see attributes set after they started, still draw each epoch's own crops. The callers' RNG states are
+    left as they were."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        if not (isinstance(key, (tuple, list)) and len(key) == 2):
+            raise TypeError(f"SeededViews items are keyed (epoch, index), got {key!r}")
+        epoch, index = key
+        sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+        state = random.getstate()
+        random.seed(sample_seed)
+        with torch.random.fork_rng(devices=[]):
+            # only the CPU generator, which the transforms use: torch.manual_seed would also reseed (and, in the
+            # main process, change) every accelerator's generator, and costs more than the crops' draws
+            torch.default_generator.manual_seed(sample_seed)
+            item = self.dataset[index]
+        random.setstate(state)
+        return item
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -852,46 +1087,99 @@ def build_eval_dataset(name, root, split, size=448, transform=None, num_classes=
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        "data.py: measure the multi-crop pipeline (SPEC 1) in one process, or preview the synthetic set",
-        add_help=True)
+        "data.py: measure the multi-crop pipeline (SPEC 1) with both places of the photometric augmentation, or "
+        "preview the synthetic set", add_help=True)
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--benchmark", action="store_true",
+                      help="time, on the same images with one thread, the CPU stage (what one DataLoader worker "
+                           "does per image) of --augment-on cpu and device, and the device stage of the latter")
+    task.add_argument("--preview", default=None, help="write a PNG grid of synthetic images and their masks here")
     parser.add_argument("--dataset", default="folder", choices=TRAIN_DATASETS,
                         help="training data set to read (see build_train_dataset)")
     parser.add_argument("--root", default=None, help="its root folder (not needed for synthetic)")
     parser.add_argument("--num-images", type=int, default=200, help="how many images to time")
     parser.add_argument("--global-size", type=int, default=224, help="global crop side (SPEC 1.1: 224)")
     parser.add_argument("--local-size", type=int, default=96, help="local crop side (SPEC 1.1: 96)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 mimics one DataLoader worker process")
-    parser.add_argument("--preview", default=None,
-                        help="instead of timing, write a PNG grid of synthetic images and their masks here")
+    parser.add_argument("--device", default="cpu", help="where to time the device stage, e.g. cpu or cuda")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="images per batch of the device stage (it runs batched, as in training)")
     return parser
 
 
-def main(args):
-    torch.set_num_threads(args.threads)
-    if args.preview:
-        ds = SyntheticParts(num_images=8, image_size=128, split="val", labelled=False)
-        rows = []
-        palette = np.array([[0, 0, 0], [230, 25, 75], [255, 225, 25], [245, 130, 48], [60, 180, 75], [0, 130, 200]],
-                           dtype=np.uint8)
-        for i in range(8):
-            image, mask = ds.render(i)
-            rows.append(np.concatenate([image, palette[mask]], axis=1))
-        Image.fromarray(np.concatenate(rows, axis=0)).save(args.preview)
-        print(f"wrote {args.preview}")
-        return
-    transform = MultiCropTransform(global_size=args.global_size, local_size=args.local_size)
-    ds = build_train_dataset(args.dataset, args.root, transform)
-    n = min(args.num_images, len(ds))
-    ds[0]  # warm-up (imports, first decode)
-    start = time.perf_counter()
+def benchmark(args):
+    """Images/s per core of the CPU stage of both modes, timed image by image in turns on the same images and
+    seeds, and the device stage's ms per image on one batch, run 20 times spread over the same loop so that all
+    three figures see the same load of a shared machine. On the CPU the clock is the process's CPU time (one
+    thread), which other processes do not inflate by time-slicing; on an accelerator it is the wall time up to a
+    sync."""
+    if args.num_images < 1 or args.batch_size < 1:
+        raise ValueError(f"--num-images and --batch-size must be >= 1, got {args.num_images}, {args.batch_size}")
+    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    sets = {place: SeededViews(build_train_dataset(args.dataset, args.root, MultiCropTransform(
+        global_size=args.global_size, local_size=args.local_size, augment_on=place)), seed=0)
+        for place in AUGMENT_PLACES}
+    n = min(args.num_images, len(sets["cpu"]))
+    warm = [sets["device"][(0, i)] for i in range(n)]  # imports, and every file in the page cache for both modes
+    crops, _, photometric, _ = multicrop_collate(warm[:args.batch_size])
+    crops = [c.to(device) for c in crops]
+    photometric = {k: v.to(device) for k, v in photometric.items()}
+    max_sigma = sets["device"].dataset.transform.blur_sigma[1]
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+
+    def device_stage():
+        start = clock()
+        views = photometric_on_device(crops, photometric, max_sigma)
+        views[-1][0, 0, 0, 0].item()  # waits for the device
+        return clock() - start
+
+    device_stage()  # warm-up
+    seconds = dict.fromkeys(AUGMENT_PLACES, 0.0)
+    device_seconds, device_runs = 0.0, 0
     for i in range(n):
-        ds[i % len(ds)]
-    elapsed = time.perf_counter() - start
-    print(f"{n} images from {args.dataset} in {elapsed:.2f} s: {n / elapsed:.1f} images/s in one process "
-          f"({args.threads} torch thread(s)), {len(transform.sizes)} crops each "
-          f"({args.global_size}/{args.local_size} px)")
+        for place in AUGMENT_PLACES if i % 2 == 0 else AUGMENT_PLACES[::-1]:
+            start = time.process_time()
+            sets[place][(0, i)]
+            seconds[place] += time.process_time() - start
+        if i % max(1, n // 20) == 0:
+            device_seconds += device_stage()
+            device_runs += 1
+    cpu_rate, device_rate = n / seconds["cpu"], n / seconds["device"]
+    device_ms = 1000 * device_seconds / (device_runs * crops[0].shape[0])
+
+    print(f"{n} images from {args.dataset}, {len(crops)} crops each ({args.global_size}/{args.local_size} px), one "
+          f"thread; device stage on a batch of {crops[0].shape[0]}, {device_runs} runs")
+    print(f"device mode: the CPU stage saves {1000 / cpu_rate - 1000 / device_rate:.2f} ms per image; the device "
+          f"stage costs {device_ms:.2f} ms per image on {device}")
+    print(f"cpu-stage images/s per core: cpu {cpu_rate:.1f}, device {device_rate:.1f} "
+          f"(ratio {device_rate / cpu_rate:.2f})")
+    print(f"device-stage ms per image: {device_ms:.2f} ({device})")
+
+
+def preview(path):
+    """Write a PNG grid of 8 synthetic validation images next to their colour-coded masks."""
+    ds = SyntheticParts(num_images=8, image_size=128, split="val", labelled=False)
+    palette = np.array([[0, 0, 0], [230, 25, 75], [255, 225, 25], [245, 130, 48], [60, 180, 75], [0, 130, 200]],
+                       dtype=np.uint8)
+    rows = []
+    for i in range(8):
+        image, mask = ds.render(i)
+        rows.append(np.concatenate([image, palette[mask]], axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    print(f"wrote {path}")
+
+
+def main(args):
+    if args.preview:
+        preview(args.preview)
+    else:
+        benchmark(args)
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"data.py: error: {error}", file=sys.stderr)
+        sys.exit(1)

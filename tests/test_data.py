@@ -1,13 +1,18 @@
-"""Tests of data.py: crop boxes (SPEC 1.4, 10.2, golden), crop sampling (SPEC 1.3), geometry of the views,
-the data set layouts (SPEC 7), the evaluation transforms (SPEC 6) and the synthetic set."""
+"""Tests of data.py: crop boxes (SPEC 1.4, 10.2, golden), crop sampling (SPEC 1.3), geometry of the views, the
+photometric augmentation on the CPU or the device (SPEC 1.2), seeded views, the data set layouts (SPEC 7), the
+evaluation transforms (SPEC 6) and the synthetic set."""
 import json
+import math
 import random
 import re
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter
+from scipy import stats
 from torchvision.ops import roi_align
 
 import data
@@ -206,10 +211,10 @@ def test_photometric_crops_and_collate():
     # normalised: a mid-grey 0.5 maps near 0, and values span both signs on a real photo
     assert crops[0].min() < 0 < crops[0].max() and crops[0].abs().max() < 3.0
     batch = [ds[0], None, ds[1], ds[2]]
-    crops, boxes, skipped = data.multicrop_collate(batch)
+    crops, boxes, photometric, skipped = data.multicrop_collate(batch)
     assert skipped == 1 and crops[0].shape == (3, 3, 64, 64) and crops[2].shape == (3, 3, 32, 32)
-    assert boxes["gc"].shape == (3, 2, 6, 4) and boxes["all"].shape == (3, 6, 2, 4)
-    assert data.multicrop_collate([None, None]) == (None, None, 2)
+    assert boxes["gc"].shape == (3, 2, 6, 4) and boxes["all"].shape == (3, 6, 2, 4) and photometric is None
+    assert data.multicrop_collate([None, None]) == (None, None, None, 2)
 
 
 def test_unreadable_training_image_is_skipped_with_warning(tmp_path):
@@ -220,8 +225,341 @@ def test_unreadable_training_image_is_skipped_with_warning(tmp_path):
     assert len(ds) == 2
     with pytest.warns(UserWarning, match="bad.jpg"):
         items = [ds[i] for i in range(2)]
-    crops, boxes, skipped = data.multicrop_collate(items)
+    crops, boxes, photometric, skipped = data.multicrop_collate(items)
     assert skipped == 1 and crops[0].shape[0] == 1
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Photometric augmentation on the CPU or on the device (SPEC 1.2), seeded views, the benchmark
+# ------------------------------------------------------------------------------------------------------------------
+
+PIL_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+
+class OriginalBlur:
+    """The original code's blur: PIL's GaussianBlur with radius ~ U[sigma] from Python's random."""
+
+    def __init__(self, sigma):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+def original_views(t, img, s, b):
+    """The original transform's loop (SPEC 1.2-1.3): per crop its box, its resized crop, then the torchvision
+    Compose of the original code with its RandomApply/RandomGrayscale draws."""
+    color = T.Compose([T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+                       T.RandomGrayscale(p=0.2), T.RandomApply([OriginalBlur((0.1 * b, 2.0 * b))], p=0.5),
+                       T.ToTensor(), T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+    boxes, crops = torch.zeros(len(t.sizes), 4), []
+    for i, size in enumerate(t.sizes):
+        boxes[i] = t.sample_box(i, img, boxes[:i])
+        x1, y1, x2, y2 = boxes[i].int().tolist()
+        crops.append(color(TF.resized_crop(img, y1, x1, y2 - y1, x2 - x1, [size, size],
+                                           T.InterpolationMode.BILINEAR)))
+    return crops, boxes
+
+
+def sample_photos(n, size=None):
+    """The first n ImageNet sample photos as RGB PIL images, optionally resized to size x size."""
+    files = sorted(require(DATA / "imagenet_sample" / "images").glob("*.JPEG"))[:n]
+    images = [data.load_rgb(f) for f in files]
+    return [im.resize((size, size), Image.BILINEAR) for im in images] if size else images
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.4])
+def test_cpu_mode_is_the_original_pipeline_bit_for_bit(strength):
+    t = data.MultiCropTransform(global_size=64, local_size=32, jitter_strength=strength, blur_strength=strength)
+    for k, img in enumerate(sample_photos(4)):
+        random.seed(k)
+        torch.manual_seed(k)
+        crops, boxes = t(img)
+        after = random.random(), torch.rand(1)
+        random.seed(k)
+        torch.manual_seed(k)
+        want, abs_boxes = original_views(t, img, strength, strength)
+        assert all(torch.equal(a, b) for a, b in zip(crops, want))
+        gc, all_ = data.intersection_boxes(abs_boxes, t.sizes, t.num_global)
+        assert torch.equal(boxes["gc"], gc) and torch.equal(boxes["all"], all_)
+        assert random.random() == after[0] and torch.equal(torch.rand(1), after[1])  # the same draws were made
+
+
+def pil_augment(crop, photometric, v):
+    """Crop v of a device-mode item augmented with its recorded parameters by the PIL functions, normalised."""
+    img = Image.fromarray(crop.permute(1, 2, 0).numpy())
+    if photometric["jitter"][v]:
+        for op in photometric["order"][v].tolist():
+            img = PIL_OPS[op](img, photometric["factors"][v, op].item())
+    if photometric["grayscale"][v]:
+        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+    if photometric["blur"][v]:
+        img = img.filter(ImageFilter.GaussianBlur(radius=photometric["sigma"][v].item()))
+    return TF.normalize(TF.to_tensor(img), data.IMAGENET_MEAN, data.IMAGENET_STD)
+
+
+def test_device_mode_makes_the_cpu_modes_draws():
+    # Same seed: the same boxes, the same resized crops before augmentation, and parameters with which the PIL
+    # functions give the cpu mode's crops bit for bit (PIL reads the blur radius as a C float, so float32 sigma
+    # is exact).
+    kw = dict(global_size=64, local_size=32)
+    cpu, device = data.MultiCropTransform(**kw), data.MultiCropTransform(augment_on="device", **kw)
+    for k, img in enumerate(sample_photos(4)):
+        random.seed(k)
+        torch.manual_seed(k)
+        want, want_boxes = cpu(img)
+        random.seed(k)
+        torch.manual_seed(k)
+        crops, boxes, photometric = device(img)
+        assert torch.equal(boxes["gc"], want_boxes["gc"]) and torch.equal(boxes["all"], want_boxes["all"])
+        assert all(c.dtype == torch.uint8 and c.shape == (3, s, s) for c, s in zip(crops, device.sizes))
+        assert photometric["order"].shape == (6, 4) and photometric["factors"].shape == (6, 4)
+        for v, crop in enumerate(crops):
+            assert torch.equal(pil_augment(crop, photometric, v), want[v])
+
+
+def photometric_batch(params):
+    """The collated photometric dict (B, 1, ...) of one crop of B images with per-image params (a list of dicts
+    with order, factors, grayscale, sigma; neutral where absent)."""
+    return dict(order=torch.tensor([p.get("order", [0, 1, 2, 3]) for p in params])[:, None],
+                factors=torch.tensor([p.get("factors", data.NEUTRAL_FACTORS) for p in params])[:, None],
+                grayscale=torch.tensor([p.get("grayscale", False) for p in params])[:, None],
+                sigma=torch.tensor([p.get("sigma", 0.0) for p in params])[:, None])
+
+
+def on_device(images, params, max_sigma=2.0):
+    """photometric_on_device on one crop of B images (uint8 (B, 3, s, s)) with per-image params (see
+    photometric_batch), mapped back from the normalisation to [0, 1]."""
+    x = data.photometric_on_device([images], photometric_batch(params), max_sigma)[0]
+    return x * torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)
+
+
+def on_pil(img, params):
+    """The PIL path of the cpu mode for one image and the ops named in params (no neutral ops), as [0, 1]."""
+    for op in params.get("order", [0, 1, 2, 3]):
+        if "factors" in params and params["factors"][op] != data.NEUTRAL_FACTORS[op]:
+            img = PIL_OPS[op](img, params["factors"][op])
+    if params.get("grayscale"):
+        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+    if params.get("sigma"):
+        img = img.filter(ImageFilter.GaussianBlur(radius=params["sigma"]))
+    return TF.to_tensor(img)
+
+
+# Differences device - PIL in 1/255, measured on 96-px centre crops of 40 ImageNet sample photos (max over pixels;
+# mean of |difference| of the worst image): brightness 0.8, contrast 1.2, saturation 1.2 (PIL rounds to 8 bits
+# after each op); hue max 12.4, mean 1.0 (PIL quantises the hue to 1/255 turn, so strongly coloured pixels move by
+# up to 2 * 6/255 of their chroma); four ops in random orders max 13.7, mean 2.2; grayscale 0.5; blur 2.9 more
+# than 6 px from the border (PIL rounds after each of its six box passes), 24 within 6 px of it (PIL replicates
+# the edge before every box pass, the device blur once), mean 0.8. The tolerances below add a margin; a wrong op
+# (e.g. a sampled Gaussian instead of PIL's box blur: 14/255 at sigma 0.3 inside the crop; a hue turned the wrong
+# way) exceeds them many times.
+JITTER_TOLERANCE = {"brightness": (1.5, 0.7), "contrast": (1.5, 1.0), "saturation": (1.5, 0.7),
+                    "hue": (14.0, 1.5), "combined": (16.0, 3.0), "grayscale": (1.0, 0.4), "blur": (26.0, 1.0),
+                    "blur inside": (3.5, 1.0)}
+
+
+def test_device_ops_match_pil_for_fixed_parameters():
+    cases = []
+    for f in (0.2, 0.7, 1.8):
+        for op in range(3):
+            factors = list(data.NEUTRAL_FACTORS)
+            factors[op] = f
+            cases.append((data.JITTER_OPS[op], dict(factors=factors)))
+    for h in (-0.2, -0.04, 0.13):
+        cases.append(("hue", dict(factors=[1.0, 1.0, 1.0, h])))
+    for order, factors in (([3, 0, 2, 1], [1.7, 0.3, 1.5, 0.18]), ([1, 2, 3, 0], [0.4, 1.8, 0.2, -0.15]),
+                           ([2, 3, 1, 0], [1.2, 0.6, 1.9, -0.07])):
+        cases.append(("combined", dict(order=order, factors=factors)))
+    cases.append(("grayscale", dict(grayscale=True)))
+    for sigma in (0.1, 0.3, 1.0, 2.0):
+        cases.append(("blur", dict(sigma=sigma)))
+    photos = sample_photos(3, size=64)
+    images = torch.stack([data.pil_to_uint8(im) for im in photos for _ in cases])
+    got = on_device(images, [params for _ in photos for _, params in cases])
+    worst = {}
+    for i, (im, (name, params)) in enumerate((im, case) for im in photos for case in cases):
+        diff = (got[i] - on_pil(im, params)).abs() * 255
+        regions = {name: diff, "blur inside": diff[:, 6:-6, 6:-6]} if name == "blur" else {name: diff}
+        for region, d in regions.items():
+            max_diff, mean_diff = worst.get(region, (0.0, 0.0))
+            worst[region] = max(max_diff, d.max().item()), max(mean_diff, d.mean().item())
+    for name, (max_diff, mean_diff) in worst.items():
+        assert max_diff <= JITTER_TOLERANCE[name][0] and mean_diff <= JITTER_TOLERANCE[name][1], (name, worst)
+    # the ops did change the images, so the comparison is not between two identities
+    assert (got[1] - got[len(cases) - 1]).abs().max() > 0.1
+
+
+def test_device_stage_identity_shapes_and_no_host_reads():
+    images = torch.stack([data.pil_to_uint8(im) for im in sample_photos(2, size=32)])
+    plain = on_device(images, [{}, {}])
+    torch.testing.assert_close(plain, images.float() / 255, atol=1e-6, rtol=0)  # neutral parameters: identity
+    # On the meta device tensors have no values, so any host read (.item(), bool(), data-dependent Python
+    # branching) would raise: the device stage runs without syncs.
+    b, sizes = 3, (32, 32, 16, 16, 16, 16)
+    crops = [torch.empty(b, 3, s, s, dtype=torch.uint8, device="meta") for s in sizes]
+    photometric = dict(jitter=torch.empty(b, 6, dtype=torch.bool, device="meta"),
+                       grayscale=torch.empty(b, 6, dtype=torch.bool, device="meta"),
+                       blur=torch.empty(b, 6, dtype=torch.bool, device="meta"),
+                       order=torch.empty(b, 6, 4, dtype=torch.int64, device="meta"),
+                       factors=torch.empty(b, 6, 4, device="meta"), sigma=torch.empty(b, 6, device="meta"))
+    views = data.photometric_on_device(crops, photometric, 2.0)
+    assert [v.shape for v in views] == [(b, 3, s, s) for s in sizes] and views[0].dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_stage_on_cuda_is_the_cpu_code_without_syncs():
+    params = [dict(order=[3, 0, 2, 1], factors=[1.7, 0.3, 1.5, 0.18], grayscale=True, sigma=1.3),
+              dict(order=[1, 2, 3, 0], factors=[0.4, 1.8, 0.2, -0.15], sigma=0.4), {}]
+    images = torch.stack([data.pil_to_uint8(im) for im in sample_photos(3, size=48)])
+    want = data.photometric_on_device([images], photometric_batch(params), 2.0)[0]
+    crops, photometric = [images.cuda()], {k: v.cuda() for k, v in photometric_batch(params).items()}
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
+    try:
+        got = data.photometric_on_device(crops, photometric, 2.0)[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=0)
+
+
+def assert_rate(flags, p, z_max=4.5):
+    """Two-sided binomial z-test: the rate of `flags` is p (|z| < 4.5: a false alarm about once in 10^5; with
+    n = 10,000 it fails on a probability off by 0.02 at p = 0.2 or 0.8, by 0.023 at 0.5)."""
+    flags = np.asarray(flags, dtype=float)
+    z = (flags.mean() - p) / math.sqrt(p * (1 - p) / len(flags))
+    assert abs(z) < z_max, f"rate {flags.mean():.4f} is not {p} (z = {z:.1f})"
+
+
+def assert_uniform(samples, low, high):
+    """samples ~ U[low, high]: inside the range, min and max within 0.2% of the range of its ends (for n > 5,000
+    draws a miss has probability < e^-10), and a Kolmogorov-Smirnov test with p > 1e-4."""
+    samples = np.asarray(samples, dtype=float)
+    span = high - low
+    assert low - 1e-6 <= samples.min() and samples.max() <= high + 1e-6, (samples.min(), samples.max(), low, high)
+    assert samples.min() - low < 0.002 * span and high - samples.max() < 0.002 * span, (samples.min(),
+                                                                                        samples.max(), low, high)
+    assert stats.kstest(samples, "uniform", args=(low, span)).pvalue > 1e-4
+
+
+def test_distribution_checks_can_fail():
+    rng = np.random.default_rng(0)
+    with pytest.raises(AssertionError):
+        assert_rate(rng.random(10_000) < 0.78, 0.8)
+    with pytest.raises(AssertionError):
+        assert_uniform(rng.uniform(0.2, 1.75, 8000), 0.2, 1.8)  # a narrower range
+    with pytest.raises(AssertionError):
+        assert_uniform(rng.triangular(0.2, 1.0, 1.8, 8000), 0.2, 1.8)  # the right range, not uniform
+
+
+@pytest.mark.parametrize("s,b", [(1.0, 1.0), (1.5, 0.5)])
+def test_photometric_parameter_distributions(s, b):
+    # SPEC 1.2 over 10,000 draws: jitter p = 0.8 with brightness, contrast, saturation ~ U[max(0, 1 - 0.8s),
+    # 1 + 0.8s], hue ~ U[-0.2s, 0.2s] and a uniformly random order; grayscale p = 0.2; blur p = 0.5 with
+    # sigma ~ U[0.1b, 2b]. s = 1.5 exercises the clamp of the lower bound at 0.
+    t = data.MultiCropTransform(jitter_strength=s, blur_strength=b, augment_on="device")
+    torch.manual_seed(0)
+    random.seed(0)
+    record = data.photometric_record([t.draw_photometric() for _ in range(10_000)])
+    jitter, blur = record["jitter"], record["blur"]
+    assert_rate(jitter, 0.8)
+    assert_rate(record["grayscale"], 0.2)
+    assert_rate(blur, 0.5)
+    for op in range(3):
+        assert_uniform(record["factors"][jitter, op], max(0.0, 1 - 0.8 * s), 1 + 0.8 * s)
+    assert_uniform(record["factors"][jitter, 3], -0.2 * s, 0.2 * s)
+    assert_uniform(record["sigma"][blur], 0.1 * b, 2.0 * b)
+    codes = (record["order"][jitter] * torch.tensor([64, 16, 4, 1])).sum(1)
+    perms = torch.unique(codes, return_counts=True)
+    assert len(perms[0]) == 24 and stats.chisquare(perms[1].numpy()).pvalue > 1e-4
+    # an op that is not drawn is neutral, so the device ops leave it alone
+    num_off = int((~jitter).sum())
+    assert torch.equal(record["factors"][~jitter], torch.tensor(data.NEUTRAL_FACTORS).expand(num_off, 4))
+    assert torch.equal(record["order"][~jitter], torch.arange(4).expand(num_off, 4))
+    assert torch.all(record["sigma"][~blur] == 0)
+
+
+def device_views(num_images=4):
+    """SeededViews over tiny synthetic images with device-mode crops of 16 and 8 px."""
+    t = data.MultiCropTransform(global_size=16, local_size=8, augment_on="device")
+    return data.SeededViews(data.SyntheticParts(num_images, image_size=32, labelled=False, transform=t), seed=7)
+
+
+def same_item(a, b):
+    """Two device-mode items (or collated batches) hold equal crops, boxes and photometric parameters."""
+    return (all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+            and all(torch.equal(a[2][k], b[2][k]) for k in a[2]))
+
+
+def test_seeded_views_depend_only_on_the_key():
+    views = device_views()
+    keys = [(0, 0), (0, 1), (1, 0), (1, 1), (5, 3)]
+    random.seed(1)
+    torch.manual_seed(1)
+    forward = {key: views[key] for key in keys}
+    after = random.random(), torch.rand(1)
+    backward = {key: views[key] for key in reversed(keys)}
+    again = views[(1, 0)]
+    random.seed(1)
+    torch.manual_seed(1)
+    assert random.random() == after[0] and torch.equal(torch.rand(1), after[1])  # the caller's RNGs untouched
+    assert all(same_item(forward[key], backward[key]) for key in keys) and same_item(again, forward[(1, 0)])
+    assert not same_item(forward[(0, 0)], forward[(1, 0)])  # another epoch, other crops
+    with pytest.raises(TypeError, match="epoch, index"):
+        views[0]
+
+
+class EpochBatches:
+    """A batch sampler whose epoch the main process sets, as a training loop does; the workers only see keys."""
+
+    def __init__(self, num_images, batch_size):
+        self.epoch, self.num_images, self.batch_size = 0, num_images, batch_size
+
+    def __iter__(self):
+        keys = [(self.epoch, i) for i in range(self.num_images)]
+        return iter([keys[i:i + self.batch_size] for i in range(0, self.num_images, self.batch_size)])
+
+    def __len__(self):
+        return self.num_images // self.batch_size
+
+
+def test_persistent_workers_draw_each_epochs_crops():
+    views = device_views()
+    sampler = EpochBatches(4, 2)
+    loader = torch.utils.data.DataLoader(views, batch_sampler=sampler, num_workers=2, persistent_workers=True,
+                                         collate_fn=data.multicrop_collate)
+    persistent = []
+    for epoch in range(2):
+        sampler.epoch = epoch
+        persistent += list(loader)
+    both_epochs = [[(e, i), (e, i + 1)] for e in range(2) for i in (0, 2)]
+    plain = list(torch.utils.data.DataLoader(views, batch_sampler=both_epochs, num_workers=0,
+                                             collate_fn=data.multicrop_collate))
+    assert len(persistent) == len(plain) == 4
+    for a, b in zip(persistent, plain):
+        assert same_item(a, b) and a[3] == b[3] == 0
+    assert not torch.equal(persistent[0][0][0], persistent[2][0][0])  # epoch 1's crops are not epoch 0's
+    crops, boxes, photometric, _ = plain[0]
+    assert crops[0].shape == (2, 3, 16, 16) and crops[0].dtype == torch.uint8 and boxes["gc"].shape == (2, 2, 6, 4)
+    assert photometric["factors"].shape == (2, 6, 4) and photometric["sigma"].shape == (2, 6)
+
+
+def test_multicrop_transform_rejects_bad_places():
+    with pytest.raises(ValueError, match="augment_on"):
+        data.MultiCropTransform(augment_on="gpu")
+    with pytest.raises(ValueError, match="photometric=False"):
+        data.MultiCropTransform(photometric=False, augment_on="device")
+
+
+def test_benchmark_prints_both_modes(capsys):
+    args = data.get_args_parser().parse_args(["--benchmark", "--dataset", "synthetic", "--num-images", "4",
+                                              "--global-size", "32", "--local-size", "16", "--batch-size", "4"])
+    data.main(args)
+    lines = capsys.readouterr().out.strip().splitlines()
+    rates = re.fullmatch(r"cpu-stage images/s per core: cpu ([\d.]+), device ([\d.]+) \(ratio ([\d.]+)\)", lines[-2])
+    assert rates and abs(float(rates[2]) / float(rates[1]) - float(rates[3])) < 0.02
+    assert re.fullmatch(r"device-stage ms per image: [\d.]+ \(cpu\)", lines[-1])
+    with pytest.raises(ValueError, match="num-images"):
+        data.main(data.get_args_parser().parse_args(["--benchmark", "--dataset", "synthetic", "--num-images", "0"]))
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -159,8 +159,10 @@ def test_resume_on_another_process_count(tmp_path):
         assert (resumed_dir / "backbone.pth").exists()
 
 
-def test_resume_continues_exactly(tmp_path):
-    options = TINY + ["--epochs", "2", "--batch-size", "2", "--queue-length", "16"]  # 4 steps per epoch, 8 in all
+@pytest.mark.parametrize("augment_on", ["cpu", "device"])
+def test_resume_continues_exactly(tmp_path, augment_on):
+    options = TINY + ["--epochs", "2", "--batch-size", "2", "--queue-length", "16",  # 4 steps per epoch, 8 in all
+                      "--augment-on", augment_on]
     straight = run_main(options + ["--output-dir", str(tmp_path / "straight")])
     run_main(options + ["--output-dir", str(tmp_path / "split"), "--stop-at-step", "3"])  # stops mid-epoch
     assert torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=True)["step"] == 3
