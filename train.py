@@ -735,7 +735,7 @@ def train(args, ranks, demo_keys):
     step = restore_checkpoint(resume, leopart, optimizer, args, ranks) if resume else 0
     log = open_log(args, ranks, output_dir, step, demo_keys)
 
-    def evaluate(tag):
+    def evaluate(tag, step):
         scores = None
         if eval_set is not None and ranks.rank == 0:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training RNG untouched
@@ -744,7 +744,7 @@ def train(args, ranks, demo_keys):
         ranks.barrier()  # the other ranks wait here, bounded by --dist-timeout-minutes
         return scores
 
-    initial_scores = evaluate("init") if step == 0 else None
+    initial_scores = evaluate("init", 0) if step == 0 else None
     args.last_step = args.total_steps if args.stop_at_step is None else min(args.stop_at_step, args.total_steps)
     health = LossHealth(device)
     with StopSignals() as stop_signals:
@@ -784,7 +784,7 @@ def train_epochs(model, leopart, run, optimizer, schedule, step, args, ranks, lo
         epochs_done = step // args.iters_per_epoch
         if step % args.iters_per_epoch == 0 and args.eval_every and epochs_done % args.eval_every == 0 \
                 and step < args.total_steps and run.stopped_by is None:
-            evaluate("student")
+            evaluate("student", step)
     return step
 
 
@@ -793,7 +793,7 @@ def finish(leopart, evaluate, initial_scores, eval_set, args, ranks, output_dir)
     if ranks.rank == 0:
         lc.export_backbone(leopart, output_dir / "backbone.pth")
         print(f"exported the student backbone (DINO layout) to {output_dir / 'backbone.pth'}")
-    final_scores = evaluate("trained")
+    final_scores = evaluate("trained", args.total_steps)
     if final_scores and initial_scores:
         print(f"cluster evaluation on {args.eval_dataset} {args.eval_split} ({len(eval_set)} images), mIoU:")
         for k in final_scores:
