@@ -809,8 +809,8 @@ def main(args):
     protocol = {"checkpoint": description, "dataset": args.dataset, "data_root": args.data_root, "split": args.split,
                 "num_images": n, "num_classes": num_classes, "input_size": args.input_size, "token_grid": [h, w],
                 "mask_size": args.mask_size, "pca_dim": args.pca_dim, "seeds": list(args.seeds),
-                "precision": args.precision, "iterations": args.iterations, "restarts": args.restarts, "max_points_per_centroid": 256,
-                "extract_seconds": extract_s, "cluster_seconds": cluster_s, "device": str(device)}
+                "precision": args.precision, "iterations": args.iterations, "restarts": args.restarts,
+                "max_points_per_centroid": 256, "extract_seconds": extract_s, "cluster_seconds": cluster_s, "device": str(device)}
     print("protocol: " + ", ".join(f"{k} {v}" for k, v in protocol.items() if k not in ("extract_seconds",
                                                                                         "cluster_seconds")))
     print(f"{'K':>6} {'matching':>22} {'mIoU mean':>10} {'std':>7}  per seed")

@@ -490,12 +490,17 @@ def foreground_clustering(features, fg_masks, k, seed, device=None, iterations=1
     n, h, w, dim = features.shape
     fg_masks = torch.as_tensor(fg_masks)
     size = fg_masks.shape[-1]
-    token_of_pixel = resize_labels(torch.arange(h * w).reshape(1, h, w), size)[0]
-    images, rows, cols = torch.nonzero(fg_masks, as_tuple=True)
-    if len(images) < k:
-        raise ValueError(f"only {len(images)} foreground pixels at {size}x{size} for k={k} foreground clusters; "
-                         "use a smaller --k-community or more images")
-    pixel_tokens = images * (h * w) + token_of_pixel[rows, cols]
+    token_of_pixel = resize_labels(torch.arange(h * w).reshape(1, h, w), size)[0].flatten()
+    # The token of every foreground pixel, in raster order over the split; found a block of images at a time, as the
+    # int64 indices of torch.nonzero over a whole split would be several times the masks' size.
+    parts = []
+    for first in range(0, n, 256):
+        images, pixels = torch.nonzero(fg_masks[first:first + 256].flatten(1), as_tuple=True)
+        parts.append((images + first) * (h * w) + token_of_pixel[pixels])
+    pixel_tokens = torch.cat(parts)
+    if len(pixel_tokens) < k:
+        raise ValueError(f"only {len(pixel_tokens)} foreground pixels at {size}x{size} for k={k} foreground "
+                         "clusters; use a smaller --k-community or more images")
     budget = k * max_points_per_centroid
     if len(pixel_tokens) > budget:
         pick = torch.randperm(len(pixel_tokens), generator=torch.Generator().manual_seed(seed))[:budget]

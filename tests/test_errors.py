@@ -105,3 +105,11 @@ def test_error_message_unwraps_a_worker_traceback():
                         "test_errors.Chained: the real one\n")
     assert data.error_message(qualified) == "the real one"
     assert data.error_message(FileNotFoundError("image x.jpg does not exist")) == "image x.jpg does not exist"
+
+
+@pytest.mark.parametrize("script", ["eval_cluster", "eval_linear", "unsup_seg"])
+def test_help_names_the_shared_flags(script):
+    text = importlib.import_module(script).get_args_parser().format_help()
+    flags = ["--dataset", "--num-classes", "--device", "--num-workers", "--precision", "--quiet"]
+    flags += ["--save-maps", "--maps-dir"] if script != "unsup_seg" else ["--attention-pretrained"]
+    assert all(flag in text for flag in flags) and "fp32 (default)" in text
