@@ -5,9 +5,9 @@ spatial tokens of a labelled split at 448 px -> per-dimension standardisation ->
 K over 5 seeds (faiss semantics) -> cluster maps nearest-upsampled to 100x100 -> many-to-one matching by precision
 (Hungarian when K equals the number of classes) -> mIoU from one confusion matrix over the whole split.
 
-Importable building blocks: `extract_features`, `backbone_tokens`, `standardize`, `pca`, `kmeans`,
-`confusion_matrix`, `match_and_score`, `compute_miou`, `overcluster`, and the backbone/dataset loaders shared with
-`eval_linear.py`.
+Importable building blocks: `extract_features`, `backbone_tokens`, `standardizer`, `standardize`, `pca`, `kmeans`,
+`confusion_matrix`, `match_and_score`, `compute_miou`, `overcluster`, and what every evaluation script shares: the
+backbone/data arguments and loaders, `Progress` lines, and the PNG panels (`voc_palette`, `save_panel`).
 
     python eval_cluster.py --pretrained leopart_vits16.ckpt --dataset voc --data-root /data/VOC --split val
 """
@@ -21,46 +21,53 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
-from data import build_eval_dataset, error_message
-from leopart_core import build_vit, load_backbone
+from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_dataset, error_message
+from leopart_core import build_vit, check_input_size, load_backbone
 
 MATCHINGS = ("none", "hungarian", "many_to_one_precision", "many_to_one_iou")
 IGNORE_INDEX = 255
 # Bound on the elements of one block of the (points x centroids) distance matrix: 2^24 floats = 64 MiB, so k-means
 # over millions of tokens never materialises the full matrix.
 DISTANCE_BLOCK_ELEMENTS = 1 << 24
+# Rows per block of the float64 sums of the standardisation and the PCA: 2^14 x 384 dims x 8 B = 48 MiB, so their
+# temporaries stay small next to the features of a whole split.
+STATS_BLOCK_ROWS = 1 << 14
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Metric (SPEC 6 "mIoU", golden README section 4)
 # ----------------------------------------------------------------------------------------------------------------
 
-def confusion_matrix(gt, pred, num_classes, num_pred, ignore_index=IGNORE_INDEX):
+def confusion_matrix(gt, pred, num_classes, num_pred, ignore_index=IGNORE_INDEX, chunk=1 << 22):
     """Pixel counts C[c, p] = #(gt == c and pred == p) over the pixels whose gt is not `ignore_index` (SPEC 6).
 
-    gt, pred: tensors or arrays of the same number of elements (any shape, flattened; e.g. (N, H, W)).
-    Returns a (num_classes, num_pred) int64 tensor on gt's device. One matrix over the whole split is what the
-    original accumulates (no per-image averaging). Values outside [0, num_classes) / [0, num_pred) raise ValueError
-    (the original's `max(pred) <= num_pred` check is off by one, SPEC 8.15).
+    gt, pred: tensors or arrays of the same number of elements (any shape, flattened; e.g. (N, H, W)), of any
+    integer dtype (uint8 masks stay uint8: only blocks of `chunk` pixels are widened to int64, so a split of many
+    maps never needs a full int64 copy). Returns a (num_classes, num_pred) int64 tensor on gt's device. One matrix
+    over the whole split is what the original accumulates (no per-image averaging). Values outside
+    [0, num_classes) / [0, num_pred) raise ValueError (the original's `max(pred) <= num_pred` check is off by one,
+    SPEC 8.15).
     """
     gt = torch.as_tensor(gt).reshape(-1)
     pred = torch.as_tensor(pred, device=gt.device).reshape(-1)
     if gt.numel() != pred.numel():
         raise ValueError(f"gt has {gt.numel()} elements but pred has {pred.numel()}")
-    pred = pred.long()
     if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= num_pred):
         raise ValueError(f"predicted ids must lie in [0, {num_pred}), got range "
                          f"[{int(pred.min())}, {int(pred.max())}]")
-    gt = gt.long()
-    if ignore_index is not None:
-        valid = gt != ignore_index
-        gt, pred = gt[valid], pred[valid]
-    if gt.numel() and (int(gt.min()) < 0 or int(gt.max()) >= num_classes):
-        raise ValueError(f"ground-truth labels must lie in [0, {num_classes}) or be {ignore_index}, got range "
-                         f"[{int(gt.min())}, {int(gt.max())}]")
-    counts = torch.bincount(gt * num_pred + pred, minlength=num_classes * num_pred)
+    counts = torch.zeros(num_classes * num_pred, dtype=torch.long, device=gt.device)
+    for b in _blocks(gt.numel(), chunk):
+        g, p = gt[b].long(), pred[b].long()
+        if ignore_index is not None:
+            valid = g != ignore_index
+            g, p = g[valid], p[valid]
+        if g.numel() and (int(g.min()) < 0 or int(g.max()) >= num_classes):
+            raise ValueError(f"ground-truth labels must lie in [0, {num_classes}) or be {ignore_index}, got range "
+                             f"[{int(g.min())}, {int(g.max())}]")
+        counts += torch.bincount(g * num_pred + p, minlength=num_classes * num_pred)
     return counts.reshape(num_classes, num_pred)
 
 
@@ -144,13 +151,15 @@ def _blocks(n, rows):
     return [slice(s, min(s + rows, n)) for s in range(0, n, max(1, rows))]
 
 
-def standardize(x, eps=0.0, chunk_rows=1 << 16, device=None):
-    """Per-dimension z-score of x (n, D) -> float32 (n, D) on x's device (SPEC 6.c step 3).
+def standardizer(x, eps=0.0, chunk_rows=STATS_BLOCK_ROWS, device=None):
+    """Per-dimension z-score of x (n, D) as a function of row blocks (SPEC 6.c step 3): returns z(rows (m, D)) ->
+    float32 (m, D) on `device` (default x's), so callers standardise block by block and never hold a standardised
+    copy of x.
 
     sklearn `StandardScaler` semantics: mean and std with ddof 0 over all rows (accumulated in float64 in chunks,
     so memory stays bounded), and a dimension that is constant up to float64 round-off gets scale 1 instead of a
     division by ~0 (sklearn's `_is_constant_feature`). `eps` is added to the std: 0 for the evaluation protocol
-    (SPEC 6.c), 1e-5 for the training-time monitor (SPEC 5.5). `device` is where the sums run (default x's).
+    (SPEC 6.c), 1e-5 for the training-time monitor (SPEC 5.5).
     """
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"standardize expects a non-empty (n, D) matrix, got shape {tuple(x.shape)}")
@@ -167,13 +176,26 @@ def standardize(x, eps=0.0, chunk_rows=1 << 16, device=None):
     fp64_eps = torch.finfo(torch.float64).eps
     constant = var <= n * fp64_eps * var + (n * mean * fp64_eps) ** 2
     scale = torch.where(constant, torch.ones_like(var), var.sqrt()) + eps
-    out = torch.empty(n, dim, dtype=torch.float32, device=x.device)
-    for b in _blocks(n, chunk_rows):
-        out[b] = ((x[b].to(device, torch.float64) - mean) / scale).float().to(x.device)
+
+    def z(rows):
+        return ((rows.to(device, torch.float64) - mean) / scale).float()
+    return z
+
+
+def standardize(x, eps=0.0, chunk_rows=STATS_BLOCK_ROWS, device=None):
+    """Per-dimension z-score of x (n, D) -> float32 (n, D) on x's device: `standardizer` applied block by block.
+
+    This holds a second full copy of x; the protocol passes `standardizer(x)` to `pca` instead, which standardises
+    each block on the fly.
+    """
+    z = standardizer(x, eps, chunk_rows, device)
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for b in _blocks(x.shape[0], chunk_rows):
+        out[b] = z(x[b]).to(x.device)
     return out
 
 
-def pca(x, dim=50, max_points=None, seed=1234, chunk_rows=1 << 16, device=None):
+def pca(x, dim=50, max_points=None, seed=1234, chunk_rows=STATS_BLOCK_ROWS, device=None, transform=None):
     """Project x (n, D) onto its top `dim` principal directions -> float32 (n, dim) on x's device (SPEC 6.c step 4).
 
     `faiss.PCAMatrix(D, dim)` semantics: trained on a random subsample of at most `max_points` rows (default
@@ -181,6 +203,8 @@ def pca(x, dim=50, max_points=None, seed=1234, chunk_rows=1 << 16, device=None):
     (eigen_power 0) and no random rotation. The covariance is accumulated in float64 in chunks and diagonalised
     with `torch.linalg.eigh`; each direction's sign is fixed so that its largest-magnitude entry is positive
     (faiss leaves the sign to LAPACK; distances, hence k-means, do not depend on it).
+    `transform`: a function applied to every block of rows first, returning float32 on `device`; with
+    `standardizer(x)` the result equals `pca(standardize(x))` bit for bit without the standardised copy.
     """
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"pca expects a non-empty (n, D) matrix, got shape {tuple(x.shape)}")
@@ -188,20 +212,23 @@ def pca(x, dim=50, max_points=None, seed=1234, chunk_rows=1 << 16, device=None):
     if not 1 <= dim <= d_in:
         raise ValueError(f"pca dim must lie in [1, {d_in}] for {d_in}-dimensional input, got {dim}")
     device = torch.device(device) if device is not None else x.device
+    if transform is None:
+        def transform(rows):
+            return rows.to(device, torch.float32)
     max_points = 1000 * d_in if max_points is None else max_points
+    m = min(n, max_points)
+    # Training rows, block by block: slices of x, or of its random subsample gathered per block (never a full copy).
+    blocks = _blocks(n, chunk_rows)
     if n > max_points:
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_points]
-        sample = x[idx.to(x.device)]
-    else:
-        sample = x
-    m = sample.shape[0]
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_points].to(x.device)
+        blocks = [idx[b] for b in _blocks(m, chunk_rows)]
     mean = torch.zeros(d_in, dtype=torch.float64, device=device)
-    for b in _blocks(m, chunk_rows):
-        mean += sample[b].to(device, torch.float64).sum(0)
+    for b in blocks:
+        mean += transform(x[b]).double().sum(0)
     mean /= m
     cov = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
-    for b in _blocks(m, chunk_rows):
-        centred = sample[b].to(device, torch.float64) - mean
+    for b in blocks:
+        centred = transform(x[b]).double() - mean
         cov += centred.T @ centred
     cov /= m
     _, vectors = torch.linalg.eigh(cov)                      # ascending eigenvalues
@@ -211,7 +238,7 @@ def pca(x, dim=50, max_points=None, seed=1234, chunk_rows=1 << 16, device=None):
     components, mean32 = components.float(), mean.float()
     out = torch.empty(n, dim, dtype=torch.float32, device=x.device)
     for b in _blocks(n, chunk_rows):
-        out[b] = ((x[b].to(device, torch.float32) - mean32) @ components).to(x.device)
+        out[b] = ((transform(x[b]) - mean32) @ components).to(x.device)
     return out
 
 
@@ -340,48 +367,177 @@ def kmeans(x, k, iterations=100, restarts=5, seed=0, max_points_per_centroid=256
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Progress lines and pictures, for every evaluation script
+# ----------------------------------------------------------------------------------------------------------------
+
+class Progress:
+    """Progress of one loop of `total` steps on a text stream: 'what: done/total unit, rate unit/s, ETA h:mm:ss'.
+
+    On a terminal the line is redrawn in place (carriage return) at most every TTY_INTERVAL seconds; on a log (not a
+    terminal) one line is written at most every LOG_INTERVAL seconds, so a long run leaves a readable log. The first
+    update, the last (done == total) and those marked `record` (an epoch's end, a k-means run) are always written,
+    and stay as lines on a terminal too. The ETA assumes the remaining steps take as long as the done ones on
+    average. stream None: silent (--quiet, or a library caller such as train.py's monitor). Use as a context
+    manager, or call `close`, so that a terminal line cut short by an error still ends.
+    """
+    TTY_INTERVAL = 0.2
+    LOG_INTERVAL = 10.0
+
+    def __init__(self, what, total, unit, stream=None):
+        self.what, self.total, self.unit, self.stream = what, total, unit, stream
+        self.tty = stream is not None and stream.isatty()
+        self.start = time.perf_counter()
+        self.last = None
+        self.open_width = 0  # length of the line drawn in place on a terminal, 0 when none is open
+
+    def update(self, done, info="", record=False):
+        """Report `done` of `total` steps; `info` is appended (e.g. 'epoch 3/25, loss 0.41' or 'K=300 seed 2')."""
+        if self.stream is None:
+            return
+        now = time.perf_counter()
+        record = record or done >= self.total
+        due = self.last is None or now - self.last >= (self.TTY_INTERVAL if self.tty else self.LOG_INTERVAL)
+        if not (record or due):
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = done / elapsed if done and elapsed > 0 else None
+        eta = format_seconds((self.total - done) / rate) if rate else "?"
+        line = (f"{self.what}: {done}/{self.total} {self.unit}" + (f", {info}" if info else "")
+                + (f", {rate:.3g} {self.unit}/s" if rate else "") + f", ETA {eta}")
+        if self.tty:
+            self.stream.write("\r" + line.ljust(self.open_width) + ("\n" if record else ""))
+            self.open_width = 0 if record else len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self):
+        """End a line left open on a terminal."""
+        if self.open_width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open_width = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def format_seconds(seconds):
+    """'m:ss' or 'h:mm:ss'."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def voc_palette(n=256):
+    """The PASCAL VOC colour map (n, 3) uint8 (0 black, 255 the VOC void colour), used for every label map the
+    scripts draw: classes, clusters and communities. Its bit-interleaving gives n distinct colours for any n."""
+    palette = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette[i] = (r, g, b)
+    return palette
+
+
+def save_panel(path, image, maps):
+    """PNG of an image and label maps side by side (paper Figures 3 and 4), 4-pixel white gaps, all at image size.
+
+    image (3, S, S) ImageNet-normalised; maps: [(labels (h, w) integer, palette (n, 3) uint8 with n > max label)],
+    each nearest-resized to S x S (`resize_labels`) and drawn as palette[labels].
+    """
+    size = image.shape[-1]
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    tiles = [((image.cpu() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()]
+    for labels, palette in maps:
+        tiles.append(palette[resize_labels(torch.as_tensor(labels)[None].long().cpu(), size)[0].numpy()])
+    gap = np.full((size, 4, 3), 255, dtype=np.uint8)
+    panel = np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(panel.astype(np.uint8)).save(path)
+
+
+def maps_folder(maps_dir, beside):
+    """Where --save-maps writes: --maps-dir, else maps/ beside `beside` (the JSON file or output folder)."""
+    if maps_dir:
+        return Path(maps_dir)
+    if not beside:
+        raise ValueError("--save-maps needs --maps-dir when no output file or folder is written")
+    return Path(beside) / "maps"
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Features (SPEC 6 common preprocessing, 6.c steps 1-2)
 # ----------------------------------------------------------------------------------------------------------------
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @torch.no_grad()
-def backbone_tokens(backbone, images, return_attention=False):
+def backbone_tokens(backbone, images, return_attention=False, precision="fp32"):
     """Frozen spatial tokens of a batch: images (B, 3, H, W) -> (B, H/P, W/P, D) float32 on the images' device.
 
-    bf16 autocast on CUDA (fp32 on CPU). With return_attention also returns the last block's CLS attention over
-    the patches, (B, heads, h*w) float32.
+    precision "fp32" runs the backbone in float32 (the evaluation default: a published number must not depend on
+    the GPU's autocast), "bf16" under bfloat16 autocast on the images' device (faster on a GPU). With
+    return_attention also returns the last block's CLS attention over the patches, (B, heads, h*w) float32.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     p = backbone.patch_size
     b, _, h, w = images.shape
     if h % p or w % p:
         raise ValueError(f"input size {h}x{w} is not divisible by the backbone's patch size {p}")
-    with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):
+    with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         out = backbone(images, return_attention=return_attention)
     tokens, attention = out if return_attention else (out, None)
     tokens = tokens.float().reshape(b, h // p, w // p, -1)
     return (tokens, attention.float()) if return_attention else tokens
 
 
+def _nearest_sources(size_in, size_out, device):
+    """Source index of every output index under PyTorch's legacy nearest rule (src = floor(dst * in / out) in
+    float32), read off F.interpolate itself on a ramp of indices, so the rule is PyTorch's by construction."""
+    ramp = torch.arange(size_in, dtype=torch.float32).reshape(1, 1, size_in)
+    return F.interpolate(ramp, size=size_out, mode="nearest")[0, 0].long().to(device)
+
+
 def resize_labels(maps, size):
     """Label maps (N, H, W) -> (N, size, size), same dtype, by PyTorch's legacy nearest (src = floor(dst * in / out)),
-    the rule of every mask and cluster-map resize in the original pipeline (SPEC 6). Labels must be < 2**24."""
+    the rule of every mask and cluster-map resize in the original pipeline (SPEC 6). Done by indexing, so a uint8
+    split is never widened to float."""
     maps = torch.as_tensor(maps)
     if maps.dim() != 3:
         raise ValueError(f"expected label maps of shape (N, H, W), got {tuple(maps.shape)}")
     if tuple(maps.shape[1:]) == (size, size):
         return maps
-    return F.interpolate(maps[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(maps.dtype)
+    rows = _nearest_sources(maps.shape[1], size, maps.device)
+    cols = _nearest_sources(maps.shape[2], size, maps.device)
+    return maps.index_select(1, rows).index_select(2, cols)
 
 
 @torch.no_grad()
 def extract_features(backbone, dataset, batch_size=16, device=None, num_workers=0, return_attention=False,
-                     mask_size=None):
+                     mask_size=None, precision="fp32", dtype=torch.float32, return_features=True, progress=None):
     """Spatial tokens of every item of a labelled eval dataset (SPEC 6.c step 1).
 
-    dataset items: (image (3, S, S) float, mask (S, S) int64). Runs the backbone in eval mode on `device`
-    (default: where its parameters are; its train/eval mode is restored afterwards), bf16 autocast on CUDA.
-    Returns a dict of CPU tensors: features (N, h, w, D) float32, masks (N, S, S) int64 (or (N, mask_size,
-    mask_size) when mask_size is given: nearest-downsampled during extraction to save memory, identical to doing
-    it later), and with return_attention, attention (N, heads, h*w) float32.
+    dataset items: (image (3, S, S) float, mask (S, S) integer labels < 256, as data.py reads them from 8-bit
+    PNGs). Runs the backbone in eval mode on `device` (default: where its parameters are; its train/eval mode is
+    restored afterwards) at `precision` (see `backbone_tokens`). Everything is written into tensors allocated once
+    for the whole split (no list to concatenate, so no transient second copy).
+    Returns a dict of CPU tensors: features (N, h, w, D) in `dtype` (float32; eval_linear's token cache keeps
+    bfloat16), masks (N, S, S) uint8 (or (N, mask_size, mask_size) when mask_size is given: nearest-downsampled
+    during extraction, identical to doing it later), with return_attention attention (N, heads, h*w) float32, and
+    without return_features no features (an attention-only pass, e.g. for a second checkpoint's foreground hint).
+    progress: a text stream for progress lines (images done, images/s, ETA; see `Progress`), or None for none.
     """
     if len(dataset) == 0:
         raise ValueError("the evaluation dataset is empty")
@@ -390,31 +546,33 @@ def extract_features(backbone, dataset, batch_size=16, device=None, num_workers=
     backbone.eval().to(device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
-    features = masks = attention = None
+    n = len(dataset)
+    out = {}
     pos = 0
+    meter = Progress("backbone", n, "images", progress)
     try:
         for images, batch_masks in loader:
-            out = backbone_tokens(backbone, images.to(device, non_blocking=True), return_attention)
-            tokens, attn = out if return_attention else (out, None)
+            tokens = backbone_tokens(backbone, images.to(device, non_blocking=True), return_attention, precision)
+            tokens, attn = tokens if return_attention else (tokens, None)
             if mask_size is not None:
                 batch_masks = resize_labels(batch_masks, mask_size)
-            if features is None:
-                n = len(dataset)
-                features = torch.empty((n,) + tokens.shape[1:], dtype=torch.float32)
-                masks = torch.empty((n,) + batch_masks.shape[1:], dtype=torch.long)
+            if not out:
+                out["masks"] = torch.empty((n,) + batch_masks.shape[1:], dtype=torch.uint8)
+                if return_features:
+                    out["features"] = torch.empty((n,) + tokens.shape[1:], dtype=dtype)
                 if return_attention:
-                    attention = torch.empty((n,) + attn.shape[1:], dtype=torch.float32)
+                    out["attention"] = torch.empty((n,) + attn.shape[1:], dtype=torch.float32)
             b = tokens.shape[0]
-            features[pos:pos + b] = tokens.cpu()
-            masks[pos:pos + b] = batch_masks.long()
+            out["masks"][pos:pos + b] = batch_masks
+            if return_features:
+                out["features"][pos:pos + b] = tokens.to(dtype).cpu()
             if return_attention:
-                attention[pos:pos + b] = attn.cpu()
+                out["attention"][pos:pos + b] = attn.cpu()
             pos += b
+            meter.update(pos)
     finally:
+        meter.close()
         backbone.train(was_training)
-    out = {"features": features, "masks": masks}
-    if return_attention:
-        out["attention"] = attention
     return out
 
 
@@ -423,15 +581,18 @@ def extract_features(backbone, dataset, batch_size=16, device=None, num_workers=
 # ----------------------------------------------------------------------------------------------------------------
 
 def overcluster(features, masks, num_classes, ks=(100, 300, 500), seeds=range(5), mask_size=100, pca_dim=50,
-                device=None, iterations=100, restarts=5, matching=None):
+                device=None, iterations=100, restarts=5, matching=None, keep_maps=0, progress=None):
     """SPEC 6.c on already extracted features: standardise, PCA, k-means per K and seed, match, mIoU.
 
     features (N, h, w, D) float; masks (N, S, S) integer with 255 = ignore (any S; nearest-downsampled to
     mask_size). pca_dim None or >= D skips the PCA. matching None picks the paper's: Hungarian when K equals
     num_classes, else many-to-one by precision. iterations/restarts default to the protocol's 100/5; train.py's
-    quick monitor may pass fewer, with small ks and seeds.
+    quick monitor may pass fewer, with small ks and seeds. The features are standardised block by block inside the
+    PCA (`standardizer`), so the only copy besides them is the (N*h*w, pca_dim) projection.
     Returns {K: {"miou": [per seed], "mean", "std" (ddof 0), "iou_per_class": [per seed, per class],
-    "objective": [per seed], "matching"}}.
+    "objective": [per seed], "matching"}}; with keep_maps > 0 also, from each K's first seed, "maps": the cluster
+    maps (keep_maps, mask_size, mask_size) int64 of the first images and "match": (K,) the class each cluster was
+    matched to (for `--save-maps`; not JSON). progress: a stream for one line per k-means run (K, seed, ETA).
     """
     if features.dim() != 4:
         raise ValueError(f"features must be (N, h, w, D), got shape {tuple(features.shape)}")
@@ -439,22 +600,32 @@ def overcluster(features, masks, num_classes, ks=(100, 300, 500), seeds=range(5)
     if masks.shape[0] != n:
         raise ValueError(f"{n} feature maps but {masks.shape[0]} masks")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    x = standardize(features.reshape(-1, dim), device=device)
+    x = features.reshape(-1, dim)
     if pca_dim is not None and pca_dim < dim:
-        x = pca(x, pca_dim, device=device)
+        x = pca(x, pca_dim, device=device, transform=standardizer(x, device=device))
+    else:
+        x = standardize(x, device=device)
     gt = resize_labels(masks.to(device), mask_size)
     results = {}
-    for k in ks:
-        mode = matching or ("hungarian" if k == num_classes else "many_to_one_precision")
-        runs = []
-        for seed in seeds:
-            _, assign, objective = kmeans(x, k, iterations=iterations, restarts=restarts, seed=seed, device=device)
-            cluster_map = resize_labels(assign.reshape(n, h, w), mask_size)
-            res = compute_miou(gt, cluster_map.to(gt.device), num_classes, k, mode)
-            runs.append((res["miou"], res["iou_per_class"].tolist(), objective))
-        mious = [r[0] for r in runs]
-        results[k] = {"miou": mious, "mean": float(np.mean(mious)), "std": float(np.std(mious)),
-                      "iou_per_class": [r[1] for r in runs], "objective": [r[2] for r in runs], "matching": mode}
+    with Progress("k-means", len(ks) * len(seeds), "runs", progress) as meter:
+        for k in ks:
+            mode = matching or ("hungarian" if k == num_classes else "many_to_one_precision")
+            runs, kept = [], {}
+            for seed in seeds:
+                meter.update(len(results) * len(seeds) + len(runs), f"now K={k} seed {seed}", record=True)
+                _, assign, objective = kmeans(x, k, iterations=iterations, restarts=restarts, seed=seed,
+                                              device=device)
+                # int32 maps: half the memory of the int64 assignments at the evaluation size.
+                cluster_map = resize_labels(assign.to(torch.int32).reshape(n, h, w), mask_size)
+                res = match_and_score(confusion_matrix(gt, cluster_map.to(gt.device), num_classes, k), mode)
+                if keep_maps and not kept:
+                    kept = dict(maps=cluster_map[:keep_maps].long().cpu(), match=res["match"])
+                runs.append((res["miou"], res["iou_per_class"].tolist(), objective))
+            mious = [r[0] for r in runs]
+            results[k] = {"miou": mious, "mean": float(np.mean(mious)), "std": float(np.std(mious)),
+                          "iou_per_class": [r[1] for r in runs], "objective": [r[2] for r in runs],
+                          "matching": mode, **kept}
+        meter.update(len(ks) * len(seeds))
     return results
 
 
@@ -463,7 +634,8 @@ def overcluster(features, masks, num_classes, ks=(100, 300, 500), seeds=range(5)
 # ----------------------------------------------------------------------------------------------------------------
 
 def add_backbone_and_data_args(parser):
-    """Arguments both evaluation scripts take: which frozen backbone, which labelled data, where to run."""
+    """Arguments every evaluation script takes: which frozen backbone, which labelled data, where and at which
+    precision to run, and whether to show progress."""
     parser.add_argument("--pretrained", default=None,
                         help="backbone checkpoint path or URL: anything leopart_core.load_backbone reads (DINO/DINOv2 "
                              "backbones, DINO full checkpoints, the released Leopart .ckpt, Lightning and this "
@@ -488,6 +660,13 @@ def add_backbone_and_data_args(parser):
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="DataLoader worker processes (default: 4, or fewer on a smaller machine)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="backbone arithmetic: fp32 (default) so that a published number does not depend on the "
+                             "GPU's autocast; bf16 runs the backbone under bfloat16 autocast, faster on a GPU but "
+                             "not bit-comparable")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress lines (images/s, k-means runs, epochs, each with an ETA) on stderr; they "
+                             "are redrawn in place on a terminal and written one per 10 s to a log")
     return parser
 
 
@@ -573,31 +752,65 @@ def get_args_parser():
                         help="k-means restarts keeping the lowest objective (faiss nredo, SPEC 6.c.5)")
     parser.add_argument("--output-json", default="output/eval_cluster.json",
                         help="where to write the results (protocol, mean/std per K, per-seed per-class IoU)")
+    parser.add_argument("--save-maps", type=int, default=0, metavar="N",
+                        help="write a PNG for each of the first N images: image | ground truth | clusters coloured "
+                             "by their matched class | raw clusters (VOC palette), for the first --ks value and "
+                             "the first seed; one file per image, named after it")
+    parser.add_argument("--maps-dir", default=None,
+                        help="folder for --save-maps (default: maps/ beside --output-json)")
     return parser
+
+
+def save_cluster_maps(folder, dataset, files, masks, cluster_maps, match):
+    """--save-maps: for image i a PNG image | ground truth | matched clusters | raw clusters, named after its file.
+
+    masks (N, E, E) ground truth (255 void); cluster_maps (n, E, E) cluster ids of the first n images; match (K,)
+    the class of every cluster. Classes (and void) take the VOC colours, clusters the first K VOC colours.
+    Returns the paths written.
+    """
+    class_palette, cluster_palette = voc_palette(256), voc_palette(len(match))
+    paths = []
+    for i, clusters in enumerate(cluster_maps):
+        paths.append(Path(folder) / f"{Path(str(files[i])).stem}.png")
+        save_panel(paths[-1], dataset[i][0], [(masks[i], class_palette), (match[clusters], class_palette),
+                                               (clusters, cluster_palette)])
+    return paths
 
 
 def main(args):
     """Run the overclustering protocol for the arguments; returns the JSON-ready result dict."""
     device = resolve_device(args.device)
+    progress = None if args.quiet else sys.stderr
+    if args.save_maps < 0:
+        raise ValueError(f"--save-maps must be >= 0, got {args.save_maps}")
+    if args.save_maps:  # checked before the long work, like every argument
+        maps_dir = maps_folder(args.maps_dir, Path(args.output_json).parent if args.output_json else None)
     backbone, description = build_frozen_backbone(args.pretrained, args.arch, args.patch_size, device,
                                                   args.init_seed)
+    check_input_size(args.input_size, backbone.patch_size, "--input-size")
     dataset, num_classes, files = build_split(args, args.split, max_images=args.max_images)
     start = time.perf_counter()
     extracted = extract_features(backbone, dataset, batch_size=args.batch_size or 16, device=device,
-                                 num_workers=args.num_workers, mask_size=args.mask_size)
+                                 num_workers=args.num_workers, mask_size=args.mask_size, precision=args.precision,
+                                 progress=progress)
     extract_s = time.perf_counter() - start
     n, h, w, dim = extracted["features"].shape
     print(f"extracted {n} x {h}x{w} tokens of dim {dim} in {extract_s:.1f} s ({n / extract_s:.2f} images/s)")
     start = time.perf_counter()
     results = overcluster(extracted["features"], extracted["masks"], num_classes, ks=args.ks, seeds=args.seeds,
                           mask_size=args.mask_size, pca_dim=args.pca_dim or None, device=device,
-                          iterations=args.iterations, restarts=args.restarts)
+                          iterations=args.iterations, restarts=args.restarts, keep_maps=args.save_maps,
+                          progress=progress)
     cluster_s = time.perf_counter() - start
+    if args.save_maps:
+        kept = {k: (r.pop("maps"), r.pop("match")) for k, r in results.items()}
+        paths = save_cluster_maps(maps_dir, dataset, files, extracted["masks"], *kept[args.ks[0]])
+        print(f"wrote {len(paths)} cluster maps (K={args.ks[0]}, seed {args.seeds[0]}) to {maps_dir}")
     protocol = {"checkpoint": description, "dataset": args.dataset, "data_root": args.data_root, "split": args.split,
                 "num_images": n, "num_classes": num_classes, "input_size": args.input_size, "token_grid": [h, w],
                 "mask_size": args.mask_size, "pca_dim": args.pca_dim, "seeds": list(args.seeds),
-                "iterations": args.iterations, "restarts": args.restarts, "max_points_per_centroid": 256,
-                "extract_seconds": extract_s, "cluster_seconds": cluster_s, "device": str(device)}
+                "precision": args.precision, "iterations": args.iterations, "restarts": args.restarts,
+                "max_points_per_centroid": 256, "extract_seconds": extract_s, "cluster_seconds": cluster_s, "device": str(device)}
     print("protocol: " + ", ".join(f"{k} {v}" for k, v in protocol.items() if k not in ("extract_seconds",
                                                                                         "cluster_seconds")))
     print(f"{'K':>6} {'matching':>22} {'mIoU mean':>10} {'std':>7}  per seed")

@@ -13,7 +13,6 @@ mIoU on the first 8 validation batches (SPEC 6.a); this script keeps the head of
 selection on validation data).
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,9 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import error_message
-from eval_cluster import (add_backbone_and_data_args, backbone_tokens, build_frozen_backbone, build_split,
-                          confusion_matrix, match_and_score, resize_labels, resolve_device, write_json)
-from leopart_core import atomic_save, load_state_strict, read_checkpoint
+from eval_cluster import (Progress, add_backbone_and_data_args, backbone_tokens, build_frozen_backbone, build_split,
+                          confusion_matrix, extract_features, maps_folder, match_and_score, resize_labels,
+                          resolve_device, save_panel, voc_palette, write_json)
+from leopart_core import atomic_save, check_input_size, load_state_strict, read_checkpoint
 
 HEAD_PREFIX = "finetune_head."  # the original's LightningModule attribute; released head files keep it (SPEC 9.3)
 # Defaults per head type (SPEC 6.a, 6.b for ViT-S/16): global batch (per-GPU batch x 2 GPUs), epochs, lr.
@@ -127,23 +127,22 @@ def probe_logits(head, tokens, size):
     return head(F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False))
 
 
-def cache_tokens(backbone, dataset, batch_size, device, num_workers, mask_size):
-    """Tokens (N, h, w, D) bfloat16 and masks (N, mask_size, mask_size) uint8 of a whole split, on CPU."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
-    tokens, masks = [], []
-    for images, batch_masks in loader:
-        tokens.append(backbone_tokens(backbone, images.to(device, non_blocking=True)).to(torch.bfloat16).cpu())
-        masks.append(resize_labels(batch_masks, mask_size).to(torch.uint8))
-    return torch.cat(tokens), torch.cat(masks)
+def cache_tokens(backbone, dataset, args, device, progress):
+    """Tokens (N, h, w, D) bfloat16 and masks (N, train_mask_size, train_mask_size) uint8 of a whole split, on CPU,
+    each held once (`extract_features` fills tensors allocated for the whole split)."""
+    out = extract_features(backbone, dataset, batch_size=args.batch_size, device=device, num_workers=args.num_workers,
+                           mask_size=args.train_mask_size, precision=args.precision, dtype=torch.bfloat16,
+                           progress=progress)
+    return out["features"], out["masks"]
 
 
-def train_head(head, backbone, dataset, args, device):
+def train_head(head, backbone, dataset, args, device, progress=None):
     """Train the probe head (SPEC 6.a/6.b) for args.epochs; returns the per-epoch mean training loss.
 
-    Without --cache-features every epoch recomputes the backbone on freshly augmented images, as the original.
-    With it the tokens of the un-augmented resized images are computed once and kept in bfloat16 (no crop/flip
-    augmentation then; see --cache-features).
+    Without --cache-features every epoch recomputes the backbone on freshly augmented images, as the original; the
+    training split is streamed, never held. With it the tokens of the un-augmented resized images are computed once
+    and kept in bfloat16 (no crop/flip augmentation then; see --cache-features). progress: a stream for progress
+    lines (batches, epoch, loss, ETA), one kept per epoch.
     """
     criterion = nn.CrossEntropyLoss(ignore_index=255)
     optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
@@ -151,7 +150,7 @@ def train_head(head, backbone, dataset, args, device):
     generator = torch.Generator().manual_seed(args.seed)
     if args.cache_features:
         start = time.perf_counter()
-        cached = cache_tokens(backbone, dataset, args.batch_size, device, args.num_workers, args.train_mask_size)
+        cached = cache_tokens(backbone, dataset, args, device, progress)
         print(f"cached {len(cached[0])} token maps ({cached[0].numel() * 2 / 2**30:.2f} GiB bfloat16) in "
               f"{time.perf_counter() - start:.1f} s")
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*cached), batch_size=args.batch_size,
@@ -162,32 +161,37 @@ def train_head(head, backbone, dataset, args, device):
                                              pin_memory=device.type == "cuda")
     head.train()
     losses = []
-    for epoch in range(args.epochs):
-        start, total, steps = time.perf_counter(), 0.0, 0
-        for inputs, masks in loader:
-            if args.cache_features:
-                tokens = inputs.to(device, non_blocking=True).float()
-            else:
-                tokens = backbone_tokens(backbone, inputs.to(device, non_blocking=True))
-            target = resize_labels(masks.to(device, non_blocking=True), args.train_mask_size).long()
-            loss = criterion(probe_logits(head, tokens, args.train_mask_size), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-            steps += 1
-        losses.append(total / max(steps, 1))
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {losses[-1]:.4f}, lr {optimizer.param_groups[0]['lr']:.2g}, "
-              f"{time.perf_counter() - start:.1f} s")
-        scheduler.step()
+    with Progress("probe training", args.epochs * len(loader), "batches", progress) as meter:
+        for epoch in range(args.epochs):
+            total, steps = 0.0, 0
+            for inputs, masks in loader:
+                if args.cache_features:
+                    tokens = inputs.to(device, non_blocking=True).float()
+                else:
+                    tokens = backbone_tokens(backbone, inputs.to(device, non_blocking=True), precision=args.precision)
+                target = resize_labels(masks.to(device, non_blocking=True), args.train_mask_size).long()
+                loss = criterion(probe_logits(head, tokens, args.train_mask_size), target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+                steps += 1
+                meter.update(epoch * len(loader) + steps, f"epoch {epoch + 1}/{args.epochs}, loss {total / steps:.4f}, "
+                             f"lr {optimizer.param_groups[0]['lr']:.2g}", record=steps == len(loader))
+            losses.append(total / max(steps, 1))
+            scheduler.step()
     head.eval()
     return losses
 
 
 @torch.no_grad()
-def evaluate_head(head, backbone, dataset, num_classes, args, device):
+def evaluate_head(head, backbone, dataset, num_classes, args, device, keep_maps=0, progress=None):
     """mIoU of the head on a split (SPEC 6.a "final number"): tokens -> head at --head-eval-size -> logits
-    upsampled to the mask size -> argmax; one confusion matrix over the split, no matching."""
+    upsampled to the mask size -> argmax; one confusion matrix over the split, no matching.
+
+    Returns `match_and_score`'s dict; with keep_maps > 0 also "masks" and "predictions", (keep_maps, E, E) of the
+    first images at the mask size E (for --save-maps). progress: a stream for progress lines (images, ETA).
+    """
     head.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
@@ -195,15 +199,38 @@ def evaluate_head(head, backbone, dataset, num_classes, args, device):
     # Images per head call, so that the upsampled (chunk, D, S, S) input stays near 2^27 floats (512 MiB): the FCN
     # at 448x448 needs several such activations per image.
     chunk = max(1, HEAD_EVAL_ELEMENTS // (args.head_eval_size ** 2 * backbone.embed_dim))
-    for images, masks in loader:
-        tokens = backbone_tokens(backbone, images.to(device, non_blocking=True))
-        masks = resize_labels(masks.to(device, non_blocking=True), args.mask_eval_size)
-        for i in range(0, len(tokens), chunk):
-            logits = probe_logits(head, tokens[i:i + chunk], args.head_eval_size)
-            if logits.shape[-1] != args.mask_eval_size:
-                logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-            confusion += confusion_matrix(masks[i:i + chunk], logits.argmax(1), num_classes, num_classes)
-    return match_and_score(confusion, "none")
+    kept_masks, kept_predictions = [], []
+    done = 0
+    with Progress("probe evaluation", len(dataset), "images", progress) as meter:
+        for images, masks in loader:
+            tokens = backbone_tokens(backbone, images.to(device, non_blocking=True), precision=args.precision)
+            masks = resize_labels(masks.to(device, non_blocking=True), args.mask_eval_size)
+            for i in range(0, len(tokens), chunk):
+                logits = probe_logits(head, tokens[i:i + chunk], args.head_eval_size)
+                if logits.shape[-1] != args.mask_eval_size:
+                    logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+                predictions = logits.argmax(1)
+                confusion += confusion_matrix(masks[i:i + chunk], predictions, num_classes, num_classes)
+                if done + i < keep_maps:
+                    kept_masks.append(masks[i:i + chunk].cpu())
+                    kept_predictions.append(predictions.cpu())
+            done += len(tokens)
+            meter.update(done)
+    scores = match_and_score(confusion, "none")
+    if keep_maps:
+        scores.update(masks=torch.cat(kept_masks)[:keep_maps], predictions=torch.cat(kept_predictions)[:keep_maps])
+    return scores
+
+
+def save_prediction_maps(folder, dataset, files, masks, predictions):
+    """--save-maps: for image i a PNG image | ground truth | probe prediction (VOC colours), named after its file.
+    Returns the paths written."""
+    palette = voc_palette(256)
+    paths = []
+    for i, (mask, prediction) in enumerate(zip(masks, predictions)):
+        paths.append(Path(folder) / f"{Path(str(files[i])).stem}.png")
+        save_panel(paths[-1], dataset[i][0], [(mask, palette), (prediction, palette)])
+    return paths
 
 
 def get_args_parser():
@@ -246,12 +273,21 @@ def get_args_parser():
     parser.add_argument("--seed", type=int, default=0, help="seed of head init, shuffling and augmentation")
     parser.add_argument("--output-dir", default="output/eval_linear",
                         help="where the trained head (<type>_head.pth, released layout) and results.json go")
+    parser.add_argument("--save-maps", type=int, default=0, metavar="N",
+                        help="write a PNG for each of the first N validation images: image | ground truth | the "
+                             "probe's prediction (VOC palette); one file per image, named after it")
+    parser.add_argument("--maps-dir", default=None, help="folder for --save-maps (default: maps/ in --output-dir)")
     return parser
 
 
 def main(args):
     """Train (unless --head) and evaluate a probe head; returns the JSON-ready result dict."""
     device = resolve_device(args.device)
+    progress = None if args.quiet else sys.stderr
+    if args.save_maps < 0:
+        raise ValueError(f"--save-maps must be >= 0, got {args.save_maps}")
+    if args.save_maps:  # checked before the long work, like every argument
+        maps_dir = maps_folder(args.maps_dir, args.output_dir)
     head_state = None
     if args.head:
         head_state, file_type = read_head_state(args.head)
@@ -268,6 +304,7 @@ def main(args):
 
     backbone, description = build_frozen_backbone(args.pretrained, args.arch, args.patch_size, device,
                                                   args.init_seed)
+    check_input_size(args.input_size, backbone.patch_size, "--input-size")
     val_set, num_classes, val_files = build_split(args, args.val_split, max_images=args.max_val_images)
     torch.manual_seed(args.seed)
     head = build_head(args.head_type, backbone.embed_dim, num_classes).to(device)
@@ -291,7 +328,7 @@ def main(args):
                 train_set, _, _ = build_split(args, train_split, JointTrainTransform(args.input_size),
                                               args.max_train_images)
         start = time.perf_counter()
-        losses = train_head(head, backbone, train_set, args, device)
+        losses = train_head(head, backbone, train_set, args, device, progress)
         train_info = {"split": train_split, "num_images": len(train_set), "epochs": args.epochs,
                       "batch_size": args.batch_size, "lr": args.lr, "momentum": 0.9,
                       "weight_decay": args.weight_decay, "drop_at": args.drop_at,
@@ -302,12 +339,16 @@ def main(args):
         save_head(head, head_path)
         print(f"wrote {head_path}")
     start = time.perf_counter()
-    scores = evaluate_head(head, backbone, val_set, num_classes, args, device)
+    scores = evaluate_head(head, backbone, val_set, num_classes, args, device, args.save_maps, progress)
     eval_s = time.perf_counter() - start
+    if args.save_maps:
+        paths = save_prediction_maps(maps_dir, val_set, val_files, scores.pop("masks"), scores.pop("predictions"))
+        print(f"wrote {len(paths)} prediction maps to {maps_dir}")
     protocol = {"checkpoint": description, "head_type": args.head_type, "head": args.head, "dataset": args.dataset,
                 "data_root": args.data_root, "val_split": args.val_split, "num_val_images": len(val_set),
                 "num_classes": num_classes, "input_size": args.input_size, "mask_eval_size": args.mask_eval_size,
-                "head_eval_size": args.head_eval_size, "device": str(device), "eval_seconds": eval_s}
+                "head_eval_size": args.head_eval_size, "precision": args.precision, "device": str(device),
+                "eval_seconds": eval_s}
     print("protocol: " + ", ".join(f"{k} {v}" for k, v in protocol.items()))
     if train_info:
         print("training: " + ", ".join(f"{k} {v}" for k, v in train_info.items()))

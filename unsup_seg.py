@@ -21,9 +21,11 @@ Written to --output-dir: results.json, network.json (nodes, edges, communities) 
 Where the original code and the paper disagree this follows the code (SPEC 8, items 9-12), with flags for the
 paper's variant where it is cheap: `--fg-threshold` (the code picks the CBFE threshold with train labels;
 `label-free` uses none) and `--graph-splits` (the code builds the network on train+val, the paper on train).
+It takes the backbone and data arguments of eval_cluster.py, so it runs on every labelled data set data.py reads;
+class 0 is taken as the background (as VOC's), the other classes as the objects.
 
-    python unsup_seg.py --pretrained leopart_vits16.ckpt --dataset voc --data-root /data/VOC \
-        --fg-threshold paper --output-dir out/unsup_vits16
+    python unsup_seg.py --pretrained leopart_vits16.ckpt --attention-pretrained dino_deitsmall16_pretrain.pth \
+        --dataset voc --data-root /data/VOC --fg-threshold paper --output-dir out/unsup_vits16
 """
 import argparse
 import json
@@ -34,14 +36,13 @@ from pathlib import Path
 import infomap
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from scipy.spatial import cKDTree
 
-from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_dataset, error_message
-from eval_cluster import (assign_to_centroids, compute_miou, extract_features, kmeans, overcluster, pca,
-                          resize_labels, standardize)
-from leopart_core import foreground_mask, load_backbone
+from data import error_message
+from eval_cluster import (Progress, add_backbone_and_data_args, assign_to_centroids, build_frozen_backbone,
+                          build_split, confusion_matrix, extract_features, kmeans, match_and_score, overcluster, pca,
+                          resize_labels, resolve_device, save_panel, standardizer, voc_palette)
+from leopart_core import FOREGROUND_MIN_GRID, check_input_size, foreground_mask
 
 IGNORE_INDEX = 255
 
@@ -99,22 +100,25 @@ def cluster_precisions(cluster_maps, fg_hint, num_clusters):
         return ((precision * present).sum(0) / present.sum(0)).numpy()
 
 
-def eval_jac(gt, pred_fg, with_boundary=True):
+def eval_jac(gt, pred_fg, with_boundary=True, chunk=64):
     """Foreground Jaccard averaged over images (`eval_jac`, SPEC 6.e, 10.8).
 
     gt (N, H, W) labels (0 = background, 255 = void); pred_fg (N, H, W) 0/1. GT foreground is gt != 0, void
     included, when with_boundary (the Table 7 protocol); otherwise void is background. An image whose GT and
-    prediction are both empty gives NaN, as in the original.
+    prediction are both empty gives NaN, as in the original. Counted `chunk` images at a time: torch widens a
+    boolean sum to int64, 8 bytes a pixel, which for a whole split at 448 px would be gigabytes.
     """
-    gt = torch.as_tensor(gt)
-    pred = torch.as_tensor(pred_fg) != 0
-    if gt.shape != pred.shape:
-        raise ValueError(f"ground truth {tuple(gt.shape)} and prediction {tuple(pred.shape)} differ in shape")
-    gt_fg = gt != 0
-    if not with_boundary:
-        gt_fg &= gt != IGNORE_INDEX
-    intersection = (gt_fg & pred).flatten(1).sum(1).double()
-    union = (gt_fg | pred).flatten(1).sum(1).double()
+    gt, pred_fg = torch.as_tensor(gt), torch.as_tensor(pred_fg)
+    if gt.shape != pred_fg.shape:
+        raise ValueError(f"ground truth {tuple(gt.shape)} and prediction {tuple(pred_fg.shape)} differ in shape")
+    counts = []
+    for first in range(0, len(gt), chunk):
+        labels, pred = gt[first:first + chunk], pred_fg[first:first + chunk] != 0
+        gt_fg = labels != 0
+        if not with_boundary:
+            gt_fg &= labels != IGNORE_INDEX
+        counts.append(torch.stack([(gt_fg & pred).flatten(1).sum(1), (gt_fg | pred).flatten(1).sum(1)], 1))
+    intersection, union = torch.cat(counts).double().unbind(1)
     return (intersection / union).mean().item()
 
 
@@ -275,9 +279,13 @@ def detect_communities(edges, num_nodes, markov_time, num_modules, seed):
 
 
 def merge_clusters(cluster_maps, communities):
-    """Replace each cluster id by its community (SPEC 6.d step 13); clusters in no edge (-1) become 0."""
-    lookup = torch.as_tensor(np.maximum(np.asarray(communities), 0), dtype=torch.long)
-    return lookup[torch.as_tensor(cluster_maps).long()]
+    """Replace each cluster id by its community (SPEC 6.d step 13); clusters in no edge (-1) become 0.
+
+    cluster_maps (N, H, W) -> (N, H, W) community ids, uint8 when they fit (the R runs' maps of a whole split are
+    kept together), else int32."""
+    communities = np.maximum(np.asarray(communities), 0)
+    dtype = torch.uint8 if communities.max(initial=0) < 256 else torch.int32
+    return torch.as_tensor(communities).to(dtype)[torch.as_tensor(cluster_maps).long()]
 
 
 def community_detection(graph_maps, num_nodes, weight_threshold, markov_time, num_modules, num_runs):
@@ -300,7 +308,7 @@ def evaluate_communities(gt, merged, num_classes):
     gt (N, H, W) labels with 255 = void (left out); merged (R, N, H, W) community ids, 0 for clusters outside the
     graph. The original asserted at most num_classes ids; here more ids are evaluated all the same (Hungarian
     matching leaves the extra ones unmatched, i.e. background) and reported in `warnings`.
-    Returns dict: miou (mean over runs), miou_per_run, runs [compute_miou's dict + num_ids], warnings.
+    Returns dict: miou (mean over runs), miou_per_run, runs [match_and_score's dict + num_ids], warnings.
     """
     gt = torch.as_tensor(gt)
     valid = gt != IGNORE_INDEX
@@ -311,7 +319,8 @@ def evaluate_communities(gt, merged, num_classes):
             notes.append(f"run {run}: more communities than classes ({num_ids} ids including 0, for {num_classes} "
                          "classes); the extra communities stay unmatched (background) in the Hungarian matching")
         num_pred = max(num_classes, int(maps.max()) + 1)
-        runs.append(dict(compute_miou(gt, maps, num_classes, num_pred, "hungarian"), num_ids=num_ids))
+        scores = match_and_score(confusion_matrix(gt, maps, num_classes, num_pred), "hungarian")
+        runs.append(dict(scores, num_ids=num_ids))
     per_run = [float(r["miou"]) for r in runs]
     return dict(miou=float(np.mean(per_run)), miou_per_run=per_run, runs=runs, warnings=notes)
 
@@ -422,25 +431,27 @@ def bfscore(gt, pred, threshold=2):
     return scores
 
 
-def boundary_f1(gt, pred_fg, threshold=16, paper_compatible=False):
+def boundary_f1(gt, pred_fg, threshold=16, paper_compatible=False, progress=None):
     """Mean boundary F1 of binary foreground predictions (`eval_bf.py::evaluate_bf_score`, SPEC 6.e; golden 6b).
 
     gt (N, H, W) labels; pred_fg (N, H, W) 0/1 at the same size -> (per-image scores (N,) float64, nanmean).
     A prediction holding a single value (empty or full) scores 0. The GT boundary is that of the foreground
     gt != 0 (void counted as foreground, as the Table 7 Jaccard); paper_compatible=True instead passes the
     background gt == 0 as the GT mask, as the published B-F1 numbers did (SPEC 8 item 12), which adds the image
-    frame to the GT contour wherever the background touches it.
+    frame to the GT contour wherever the background touches it. progress: a stream for progress lines, or None.
     """
     gt, pred_fg = np.asarray(gt), np.asarray(pred_fg)
     if gt.shape != pred_fg.shape:
         raise ValueError(f"ground truth {gt.shape} and prediction {pred_fg.shape} differ in shape")
     scores = np.zeros(len(gt))
-    for i, (labels, pred) in enumerate(zip(gt, pred_fg)):
-        pred = (pred != 0).astype(np.uint8)
-        if pred.min() == pred.max():
-            continue
-        gt_mask = (labels == 0) if paper_compatible else (labels != 0)
-        scores[i] = bfscore(gt_mask.astype(np.uint8), pred, threshold)[0]
+    what = "boundary F1" + (" (paper-compatible)" if paper_compatible else "")
+    with Progress(what, len(gt), "images", progress) as meter:
+        for i, (labels, pred) in enumerate(zip(gt, pred_fg)):
+            pred = (pred != 0).astype(np.uint8)
+            if pred.min() != pred.max():
+                gt_mask = (labels == 0) if paper_compatible else (labels != 0)
+                scores[i] = bfscore(gt_mask.astype(np.uint8), pred, threshold)[0]
+            meter.update(i + 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: reported as NaN
         return scores, float(np.nanmean(scores))
@@ -479,12 +490,17 @@ def foreground_clustering(features, fg_masks, k, seed, device=None, iterations=1
     n, h, w, dim = features.shape
     fg_masks = torch.as_tensor(fg_masks)
     size = fg_masks.shape[-1]
-    token_of_pixel = resize_labels(torch.arange(h * w).reshape(1, h, w), size)[0]
-    images, rows, cols = torch.nonzero(fg_masks, as_tuple=True)
-    if len(images) < k:
-        raise ValueError(f"only {len(images)} foreground pixels at {size}x{size} for k={k} foreground clusters; "
-                         "use a smaller --k-community or more images")
-    pixel_tokens = images * (h * w) + token_of_pixel[rows, cols]
+    token_of_pixel = resize_labels(torch.arange(h * w).reshape(1, h, w), size)[0].flatten()
+    # The token of every foreground pixel, in raster order over the split; found a block of images at a time, as the
+    # int64 indices of torch.nonzero over a whole split would be several times the masks' size.
+    parts = []
+    for first in range(0, n, 256):
+        images, pixels = torch.nonzero(fg_masks[first:first + 256].flatten(1), as_tuple=True)
+        parts.append((images + first) * (h * w) + token_of_pixel[pixels])
+    pixel_tokens = torch.cat(parts)
+    if len(pixel_tokens) < k:
+        raise ValueError(f"only {len(pixel_tokens)} foreground pixels at {size}x{size} for k={k} foreground "
+                         "clusters; use a smaller --k-community or more images")
     budget = k * max_points_per_centroid
     if len(pixel_tokens) > budget:
         pick = torch.randperm(len(pixel_tokens), generator=torch.Generator().manual_seed(seed))[:budget]
@@ -516,41 +532,15 @@ def cbfe_target(mode, gt_train, hint_train):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Outputs: PNG panels (paper Figures 3 and 4) and the community network
+# Outputs: PNG panels (paper Figures 3 and 4; eval_cluster.save_panel) and the community network
 # ----------------------------------------------------------------------------------------------------------------
 
-def voc_palette(n=256):
-    """The PASCAL VOC colour map (n, 3) uint8 (class 0 black), also used for cluster and community ids."""
-    palette = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette[i] = (r, g, b)
-    return palette
+def cluster_palette(num_clusters):
+    """Colours of foreground cluster maps: cluster c gets VOC colour c + 1, the background id num_clusters black."""
+    return np.concatenate([voc_palette(num_clusters + 1)[1:], np.zeros((1, 3), dtype=np.uint8)])
 
 
-def save_panel(path, image, cluster_map, fg_mask, segmentation, num_clusters, palette):
-    """PNG: image | foreground cluster map | CBFE mask | final segmentation, side by side at the image size.
-
-    image (3, S, S) ImageNet-normalised; cluster_map (E, E) ids with num_clusters = background (black);
-    fg_mask (E, E) 0/1; segmentation (E, E) class ids (or community ids without labels), VOC colours.
-    """
-    size = image.shape[-1]
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    rgb = ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    up = lambda m: resize_labels(torch.as_tensor(m)[None].long(), size)[0].numpy()
-    clusters = up(cluster_map)
-    cluster_rgb = np.where((clusters == num_clusters)[..., None], 0, palette[1 + clusters % 255])
-    mask_rgb = np.repeat((up(fg_mask) != 0)[..., None] * np.uint8(255), 3, axis=2)
-    seg_rgb = palette[up(segmentation) % 256]
-    gap = np.full((size, 4, 3), 255, dtype=np.uint8)
-    panel = np.concatenate([rgb, gap, cluster_rgb, gap, mask_rgb, gap, seg_rgb], axis=1).astype(np.uint8)
-    Image.fromarray(panel).save(path)
+FG_PALETTE = np.array([[0, 0, 0], [255, 255, 255]], dtype=np.uint8)  # foreground masks: white on black
 
 
 def network_json(matrix, edges, communities, codelengths, seeds, node_pixels, background):
@@ -572,52 +562,64 @@ def network_json(matrix, edges, communities, codelengths, seeds, node_pixels, ba
 # The whole pipeline
 # ----------------------------------------------------------------------------------------------------------------
 
-def extract_split(backbone, dataset, args, device):
-    """Tokens, attention (N, heads, h*w) and uint8 masks (N, S, S) of one split (SPEC 6.d steps 1-2)."""
-    out = extract_features(backbone, dataset, batch_size=args.batch_size, device=device,
-                           num_workers=args.num_workers, return_attention=True)
-    out["masks"] = out["masks"].to(torch.uint8)
-    return out
+def extract_splits(backbone, train_set, val_set, args, device, progress, return_features=True):
+    """Tokens (N, h, w, D) float32 (unless return_features is False), CLS attention (N, heads, h*w) and uint8 masks
+    (N, S, S) of the train split followed by the val split, N = N_train + N_val, in one pass into tensors allocated
+    once (SPEC 6.d steps 1-2). A val split that is the train split is extracted once and repeated."""
+    same = val_set is train_set
+    out = extract_features(backbone, train_set if same else torch.utils.data.ConcatDataset([train_set, val_set]),
+                           batch_size=args.batch_size, device=device, num_workers=args.num_workers,
+                           return_attention=True, precision=args.precision, return_features=return_features,
+                           progress=progress)
+    return {key: torch.cat([value, value]) for key, value in out.items()} if same else out
 
 
-def table7_metrics(gt, fg, bf_threshold):
+def table7_metrics(gt, fg, bf_threshold, progress=None):
     """Foreground Jaccard (void as foreground) and boundary F1, correct and paper-compatible (SPEC 6.e)."""
     fg = resize_labels(torch.as_tensor(fg), gt.shape[-1])
     return dict(jaccard=eval_jac(gt, fg),
-                bf1=boundary_f1(gt.numpy(), fg.numpy(), bf_threshold)[1],
-                bf1_paper_compatible=boundary_f1(gt.numpy(), fg.numpy(), bf_threshold, paper_compatible=True)[1])
+                bf1=boundary_f1(gt.numpy(), fg.numpy(), bf_threshold, progress=progress)[1],
+                bf1_paper_compatible=boundary_f1(gt.numpy(), fg.numpy(), bf_threshold, paper_compatible=True,
+                                                 progress=progress)[1])
 
 
-def evaluate(args, gt_val, merged, val_clusters, feats, fg_masks, n_train, val, num_classes, kmeans_kw):
+def evaluate(args, gt_val, merged, val_clusters, feats, fg_masks, n_train, features_val, masks_val, num_classes,
+             kmeans_kw, progress=None):
     """The mIoU numbers of Table 5 on the val split at the evaluation size (SPEC 6.d steps 9, 13, 15; 6.c).
 
     gt_val (N_val, E, E); merged (R, N_val, E, E) community maps; val_clusters (N_val, E, E) foreground clusters with
-    background k. Returns dict: cbfe_cd (+ per run), upper_bound_k{k+1} (many-to-one by precision), cbfe_only
+    background k; features_val (N_val, h, w, D) raw tokens and masks_val (N_val, S, S) for the baseline.
+    Returns dict: cbfe_cd (+ per run), upper_bound_k{k+1} (many-to-one by precision), cbfe_only
     (K = #classes - 1 foreground clusters, Hungarian; + per seed), baseline_k{#classes} (k-means of all val tokens,
     SPEC 6.c; + per seed), and, for the caller, match (run 0's community -> class map) and warnings.
     """
     k = args.k_community
     cd = evaluate_communities(gt_val, merged, num_classes)
-    upper = compute_miou(gt_val, val_clusters, num_classes, k + 1, "many_to_one_precision")
+    upper = match_and_score(confusion_matrix(gt_val, val_clusters, num_classes, k + 1), "many_to_one_precision")
     out = {"cbfe_cd": cd["miou"], "cbfe_cd_per_run": cd["miou_per_run"], f"upper_bound_k{k + 1}": upper["miou"]}
     if args.cbfe_seeds > 0:
         runs = []
-        for seed in range(args.cbfe_seeds):
-            maps = foreground_clustering(feats, fg_masks, num_classes - 1, seed, **kmeans_kw)[n_train:]
-            runs.append(compute_miou(gt_val, maps, num_classes, num_classes, "hungarian")["miou"])
+        with Progress("CBFE-only k-means", args.cbfe_seeds, "runs", progress) as meter:
+            for seed in range(args.cbfe_seeds):
+                meter.update(seed, f"now K={num_classes - 1} seed {seed}", record=True)
+                maps = foreground_clustering(feats, fg_masks, num_classes - 1, seed, **kmeans_kw)[n_train:]
+                runs.append(match_and_score(confusion_matrix(gt_val, maps, num_classes, num_classes),
+                                            "hungarian")["miou"])
+            meter.update(args.cbfe_seeds)
         out.update(cbfe_only=float(np.mean(runs)), cbfe_only_per_seed=runs)
     if args.baseline_seeds > 0:
-        base = overcluster(val["features"], val["masks"], num_classes, ks=(num_classes,),
-                           seeds=range(args.baseline_seeds), mask_size=gt_val.shape[-1], pca_dim=args.pca_dim,
+        base = overcluster(features_val, masks_val, num_classes, ks=(num_classes,), seeds=range(args.baseline_seeds),
+                           mask_size=gt_val.shape[-1], pca_dim=args.pca_dim, progress=progress,
                            **kmeans_kw)[num_classes]
         out.update({f"baseline_k{num_classes}": base["mean"], f"baseline_k{num_classes}_per_seed": base["miou"]})
     out.update(match=cd["runs"][0]["match"], warnings=cd["warnings"])
     return out
 
 
-def write_outputs(out_dir, results, cd, graph_maps, val_set, val_clusters, fg_masks_val, segmentation, k,
-                  max_panels):
-    """results.json, network.json and panels/<index>_<image>.png (the first max_panels val images; -1 = all)."""
+def write_outputs(out_dir, results, cd, graph_maps, val_set, val_files, val_clusters, fg_masks_val, segmentation,
+                  k, max_panels, progress=None):
+    """results.json, network.json and panels/<index>_<image>.png (the first max_panels val images; -1 = all):
+    image | foreground clusters (background black) | CBFE mask | final segmentation (VOC colours)."""
     out_dir.mkdir(parents=True, exist_ok=True)  # only once there is something to write: bad input leaves no folder
     node_pixels = torch.bincount(graph_maps.flatten(), minlength=k + 1).numpy()
     network = network_json(cd["matrix"], cd["edges"], cd["communities"], cd["codelengths"], cd["seeds"],
@@ -626,14 +628,31 @@ def write_outputs(out_dir, results, cd, graph_maps, val_set, val_clusters, fg_ma
         json.dump(network, f, indent=1)
     panel_dir = out_dir / "panels"
     panel_dir.mkdir(exist_ok=True)
-    palette = voc_palette()
+    clusters_palette = cluster_palette(k)
+    segmentation_palette = voc_palette(max(256, int(segmentation.max()) + 1))
     count = len(val_set) if max_panels < 0 else min(max_panels, len(val_set))
-    for i in range(count):
-        name = Path(str(val_set.files[i])).stem
-        save_panel(panel_dir / f"{i:05d}_{name}.png", val_set[i][0], val_clusters[i], fg_masks_val[i],
-                   segmentation[i], k, palette)
+    with Progress("panels", count, "images", progress) as meter:
+        for i in range(count):
+            save_panel(panel_dir / f"{i:05d}_{Path(str(val_files[i])).stem}.png", val_set[i][0],
+                       [(val_clusters[i], clusters_palette), (fg_masks_val[i], FG_PALETTE),
+                        (segmentation[i], segmentation_palette)])
+            meter.update(i + 1)
     with open(out_dir / "results.json", "w") as f:
         json.dump(results, f, indent=1, default=float)
+
+
+def load_backbones(args, device):
+    """The backbone whose tokens are clustered and, with --attention-pretrained, the one whose CLS attention gives
+    the foreground hint (else None); --input-size is checked against both, the hint's needing
+    FOREGROUND_MIN_GRID tokens a side for the mask's blur."""
+    backbone, _ = build_frozen_backbone(args.pretrained, args.arch, args.patch_size, device, args.init_seed)
+    hint_backbone = None
+    if args.attention_pretrained:
+        hint_backbone, _ = build_frozen_backbone(args.attention_pretrained, args.attention_arch, None, device)
+        check_input_size(args.input_size, backbone.patch_size, "--input-size")
+    check_input_size(args.input_size, (hint_backbone or backbone).patch_size, "--input-size", FOREGROUND_MIN_GRID,
+                     "the attention foreground hint")
+    return backbone, hint_backbone
 
 
 def run(args):
@@ -641,49 +660,59 @@ def run(args):
     for name in ("k_fg_extraction", "k_community", "num_runs", "eval_size", "input_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
+    progress = None if args.quiet else sys.stderr
+    args.batch_size = args.batch_size or 16
     out_dir = Path(args.output_dir)
     notes = []
     log = lambda msg: print(msg, flush=True)
 
-    train_set = build_eval_dataset(args.dataset, args.data_root, args.train_split, size=args.input_size)
-    same_split = args.val_split == args.train_split
-    val_set = train_set if same_split else build_eval_dataset(args.dataset, args.data_root, args.val_split,
-                                                              size=args.input_size)
-    num_classes = val_set.num_classes
+    train_set, num_classes, train_files = build_split(args, args.train_split)
+    val_set, val_files = train_set, train_files
+    if args.val_split != args.train_split:
+        val_set, num_classes, val_files = build_split(args, args.val_split)
     num_objects = num_classes - 1
+    n_train = len(train_set)
+    backbone, hint_backbone = load_backbones(args, device)
+    stage_names = (["backbone features"] + ["attention hint"] * (hint_backbone is not None) +
+                   ["standardise + PCA", f"CBFE k-means K={args.k_fg_extraction}",
+                    f"foreground k-means K={args.k_community}", f"community detection, {args.num_runs} Infomap runs",
+                    "evaluation and outputs"])
+    stages = Progress("unsup_seg", len(stage_names), "stages", progress)
+    stage = iter(enumerate(stage_names))
 
-    backbone = load_backbone(args.pretrained, arch=args.arch)
-    log(f"features of {len(train_set)} train and {len(val_set)} val images at {args.input_size} px")
-    train = extract_split(backbone, train_set, args, device)
-    val = train if same_split else extract_split(backbone, val_set, args, device)
-    grid = tuple(train["features"].shape[1:3])
-    if args.attention_pretrained:
-        hint_backbone = load_backbone(args.attention_pretrained, arch=args.attention_arch)
+    def next_stage():
+        done, name = next(stage)
+        stages.update(done, f"now {name}", record=True)
+
+    # Tokens, masks and the attention foreground hint of train followed by val (SPEC 6.d steps 1, 4).
+    next_stage()
+    extracted = extract_splits(backbone, train_set, val_set, args, device, progress)
+    features, masks, attention = extracted["features"], extracted["masks"], extracted["attention"]
+    hint_grid = grid = tuple(features.shape[1:3])
+    if hint_backbone is not None:
+        next_stage()
+        attention = extract_splits(hint_backbone, train_set, val_set, args, device, progress,
+                                   return_features=False)["attention"]
         hint_grid = (args.input_size // hint_backbone.patch_size,) * 2
-        attn_train = extract_split(hint_backbone, train_set, args, device)["attention"]
-        attn_val = attn_train if same_split else extract_split(hint_backbone, val_set, args, device)["attention"]
-    else:
-        hint_grid, attn_train, attn_val = grid, train["attention"], val["attention"]
-    hint_train = foreground_hint(attn_train, hint_grid, args.fg_hint_mass)
-    hint_val = foreground_hint(attn_val, hint_grid, args.fg_hint_mass)
-    labelled_val = has_labels(val["masks"])
+    hint = foreground_hint(attention, hint_grid, args.fg_hint_mass)
+    labelled_val = has_labels(masks[n_train:])
     if not labelled_val:
         notes.append("the val split has no labels: segmentations are written, metrics are not computed")
-    n_train = len(train_set)
     size = args.eval_size
-    hints = resize_labels(torch.cat([hint_train, hint_val]), size)
-    gt_small = resize_labels(torch.cat([train["masks"], val["masks"]]), size)
+    hints = resize_labels(hint, size)
+    gt_small = resize_labels(masks, size)
     target = cbfe_target(args.fg_threshold, gt_small[:n_train], hints[:n_train])  # fails early without labels
 
-    # Standardisation + PCA fitted on train+val together (SPEC 6.d step 2).
-    raw = torch.cat([train["features"], val["features"]])
-    n_all, h, w, dim = raw.shape
-    feats = pca(standardize(raw.reshape(-1, dim), device=device), dim=min(args.pca_dim, dim), device=device)
+    # Standardisation + PCA fitted on train+val together (SPEC 6.d step 2), standardised block by block.
+    next_stage()
+    n_all, h, w, dim = features.shape
+    tokens = features.reshape(-1, dim)
+    feats = pca(tokens, dim=min(args.pca_dim, dim), device=device, transform=standardizer(tokens, device=device))
     feats = feats.reshape(n_all, h, w, -1)
 
     # CBFE (SPEC 6.d steps 3-7), at the evaluation size E.
-    log(f"CBFE: spherical k-means, K={args.k_fg_extraction}")
+    next_stage()
     kmeans_kw = dict(iterations=args.kmeans_iterations, restarts=args.kmeans_restarts, device=device)
     _, assign, _ = kmeans(feats.reshape(-1, feats.shape[-1]), args.k_fg_extraction, seed=args.clustering_seed,
                           spherical=True, **kmeans_kw)
@@ -695,9 +724,10 @@ def run(args):
         f"{len(cbfe['fg_ids_val'])} val foreground clusters of {args.k_fg_extraction}")
 
     # Foreground clustering (step 8) and the co-occurrence network with Infomap (steps 10-12).
+    next_stage()
     k = args.k_community
-    log(f"foreground k-means, K={k}")
     fg_clusters = foreground_clustering(feats, fg_masks, k, args.clustering_seed, **kmeans_kw)
+    next_stage()
     graph_maps = fg_clusters if args.graph_splits == "train+val" else fg_clusters[:n_train]
     cd = community_detection(graph_maps, k + 1, args.weight_threshold, args.markov_time, num_objects, args.num_runs)
     if not cd["edges"]:
@@ -707,6 +737,7 @@ def run(args):
     num_communities = [len(set(c[c > 0].tolist())) for c in cd["communities"]]
     log(f"Infomap over {len(cd['edges'])} edges: {num_communities} communities")
 
+    next_stage()
     results = dict(
         settings={key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items()},
         num_train_images=n_train, num_val_images=len(val_set), num_classes=num_classes, token_grid=list(grid),
@@ -722,20 +753,21 @@ def run(args):
     )
     segmentation = merged[0]
     if labelled_val:
-        evaluation = evaluate(args, gt_small[n_train:], merged, val_clusters, feats, fg_masks, n_train, val,
-                              num_classes, kmeans_kw)
+        evaluation = evaluate(args, gt_small[n_train:], merged, val_clusters, feats, fg_masks, n_train,
+                              features[n_train:], masks[n_train:], num_classes, kmeans_kw, progress)
         notes.extend(evaluation.pop("warnings"))
-        segmentation = evaluation.pop("match")[merged[0]]
-        foreground = dict(cbfe=table7_metrics(val["masks"], cbfe["fg_mask_val"], args.bf_threshold),
-                          attention_hint=table7_metrics(val["masks"], hint_val, args.bf_threshold))
-        if has_labels(train["masks"]):
-            foreground["cbfe_train_jaccard"] = eval_jac(train["masks"], resize_labels(cbfe["fg_mask_train"],
-                                                                                      args.input_size))
+        segmentation = evaluation.pop("match")[merged[0].long()]
+        foreground = dict(cbfe=table7_metrics(masks[n_train:], cbfe["fg_mask_val"], args.bf_threshold, progress),
+                          attention_hint=table7_metrics(masks[n_train:], hint[n_train:], args.bf_threshold, progress))
+        if has_labels(masks[:n_train]):
+            foreground["cbfe_train_jaccard"] = eval_jac(masks[:n_train], resize_labels(cbfe["fg_mask_train"],
+                                                                                       args.input_size))
         results.update(miou=evaluation, foreground=foreground)
     results["notes"] = notes
 
-    write_outputs(out_dir, results, cd, graph_maps, val_set, val_clusters, cbfe["fg_mask_val"], segmentation, k,
-                  args.max_panels)
+    write_outputs(out_dir, results, cd, graph_maps, val_set, val_files, val_clusters, cbfe["fg_mask_val"],
+                  segmentation, k, args.max_panels, progress)
+    stages.update(len(stage_names))
     report(results, log)
     return results
 
@@ -759,27 +791,19 @@ def get_args_parser():
     parser = argparse.ArgumentParser(
         prog="unsup_seg.py", description="Fully unsupervised semantic segmentation with CBFE and community "
         "detection (paper 3.2, SPEC 6.d).")
-    parser.add_argument("--pretrained", required=True,
-                        help="backbone checkpoint (path or URL) whose spatial tokens are clustered, e.g. a Leopart "
-                             "ViT-S/16; loaded with leopart_core.load_backbone")
-    parser.add_argument("--arch", default=None,
-                        help="ViT architecture of --pretrained (vit_small, vit_base, dinov2_vits14, ...); "
-                             "inferred from the checkpoint by default")
+    add_backbone_and_data_args(parser)
     parser.add_argument("--attention-pretrained", default=None,
                         help="second checkpoint whose CLS attention gives the noisy foreground hint; the original "
-                             "used DINO ViT-S/16 attention (SPEC 8 item 11). Default: the --pretrained backbone")
-    parser.add_argument("--attention-arch", default=None, help="architecture of --attention-pretrained")
+                             "used DINO ViT-S/16 attention (SPEC 8 item 11), e.g. dino_deitsmall16_pretrain.pth. "
+                             "Default: the --pretrained backbone")
+    parser.add_argument("--attention-arch", default=None,
+                        help="architecture of --attention-pretrained (inferred from the checkpoint by default)")
     parser.add_argument("--fg-hint-mass", type=float, default=0.6,
                         help="attention mass kept by the foreground hint (paper: 60%%; the original's own stored "
                              "masks used 0.65)")
-    parser.add_argument("--dataset", default="voc", help="evaluation data set of data.build_eval_dataset")
-    parser.add_argument("--data-root", default=None, help="its root folder")
     parser.add_argument("--train-split", default="train",
                         help="split for the CBFE threshold and the network (the original: VOC train, 1,464 images)")
     parser.add_argument("--val-split", default="val", help="split that is segmented and evaluated")
-    parser.add_argument("--input-size", type=int, default=448, help="image side in pixels (SPEC 6: 448)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    parser.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     parser.add_argument("--pca-dim", type=int, default=50, help="PCA dimension after standardisation (SPEC 6.d)")
     parser.add_argument("--k-fg-extraction", type=int, default=200,
                         help="spherical k-means clusters ranked by CBFE (SPEC 6.d step 3)")
@@ -818,8 +842,6 @@ def get_args_parser():
                         help="PNG panels written (first val images); -1 = one per val image")
     parser.add_argument("--output-dir", default="unsup_seg_output",
                         help="folder for results.json, network.json and panels/")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device for the backbone and k-means")
     return parser
 
 

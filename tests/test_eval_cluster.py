@@ -4,14 +4,23 @@ import subprocess
 import sys
 import time
 
+import io
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from scipy.cluster.vq import kmeans2
 
 from conftest import DATA, GOLDEN, REPO, WEIGHTS, require
-from eval_cluster import (_split_empty_clusters, compute_miou, confusion_matrix, get_args_parser, kmeans, main,
-                          overcluster, pca, standardize)
+import eval_cluster
+from data import build_eval_dataset
+from eval_cluster import (Progress, _split_empty_clusters, backbone_tokens, compute_miou, confusion_matrix,
+                          extract_features, get_args_parser, kmeans, main, overcluster, pca, resize_labels,
+                          standardize, standardizer, voc_palette)
+from leopart_core import build_vit
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -121,6 +130,29 @@ def test_metric_rejects_out_of_range_labels():
         compute_miou(torch.tensor([0, 7]), torch.tensor([0, 1]), 2, 3, "hungarian")
     with pytest.raises(ValueError, match="matching"):
         compute_miou(torch.tensor([0, 1]), torch.tensor([0, 1]), 2, 2, "greedy")
+
+
+def test_confusion_matrix_in_blocks_equals_one_pass_on_uint8_maps():
+    g = torch.Generator().manual_seed(0)
+    gt = torch.randint(0, 5, (3, 9, 11), generator=g).to(torch.uint8)
+    gt[0, :2] = 255
+    pred = torch.randint(0, 7, (3, 9, 11), generator=g, dtype=torch.int32)
+    whole = confusion_matrix(gt, pred, 5, 7, chunk=gt.numel())
+    assert torch.equal(confusion_matrix(gt, pred, 5, 7, chunk=10), whole)  # blocks that do not divide the maps
+    naive = torch.zeros(5, 7, dtype=torch.long)
+    for c, p in zip(gt.flatten().tolist(), pred.flatten().tolist()):
+        if c != 255:
+            naive[c, p] += 1
+    assert torch.equal(whole, naive)
+
+
+def test_resize_labels_is_pytorch_nearest_without_widening():
+    g = torch.Generator().manual_seed(0)
+    for size_in, size_out in [(448, 100), (100, 448), (37, 100), (100, 37), (7, 3), (3, 7), (224, 56), (56, 56)]:
+        maps = torch.randint(0, 256, (2, size_in, size_in + 5), generator=g).to(torch.uint8)
+        expected = F.interpolate(maps[:, None].float(), size=(size_out, size_out), mode="nearest")[:, 0]
+        resized = resize_labels(maps, size_out)
+        assert resized.dtype == torch.uint8 and torch.equal(resized.float(), expected), (size_in, size_out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,6 +298,15 @@ def test_pca_projects_onto_top_principal_directions():
         pca(x, 13)
 
 
+def test_pca_of_standardizer_blocks_equals_pca_of_the_standardised_copy():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 10, generator=g) * torch.linspace(0.1, 5, 10) + 2
+    for max_points in (None, 1000):  # the whole matrix, and a subsample as faiss's max_points
+        expected = pca(standardize(x, chunk_rows=700), 4, max_points=max_points, chunk_rows=700)
+        fused = pca(x, 4, max_points=max_points, chunk_rows=700, transform=standardizer(x, chunk_rows=700))
+        assert torch.equal(fused, expected)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Overclustering protocol
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,6 +327,91 @@ def test_overcluster_on_separable_features():
     # Shuffled features carry no class information: far lower.
     shuffled = features.reshape(-1, 16)[torch.randperm(384, generator=g)].reshape(6, 8, 8, 16)
     assert overcluster(shuffled, masks, 4, ks=(4,), seeds=(0,), mask_size=16, iterations=20)[4]["mean"] < 0.6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress lines, precision, feature extraction
+# ---------------------------------------------------------------------------------------------------------------
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """A settable time.perf_counter, so rates and ETAs are exact."""
+    now = [100.0]
+    monkeypatch.setattr(eval_cluster.time, "perf_counter", lambda: now[0])
+    return now
+
+
+def test_progress_on_a_log_writes_a_line_per_interval_with_rate_and_eta(clock):
+    log = io.StringIO()
+    meter = Progress("backbone", 10, "images", log)
+    clock[0] += 4
+    meter.update(2)                          # the first: 2 in 4 s, 8 left at 0.5/s
+    clock[0] += 1
+    meter.update(3)                          # within LOG_INTERVAL: not written
+    clock[0] += Progress.LOG_INTERVAL
+    meter.update(5, "K=3")                   # due again: 5 in 15 s, 5 left
+    clock[0] += 1
+    meter.update(6, "epoch 1/2", record=True)  # a record is always written: 6 in 16 s, 4 left -> 10.7 s
+    clock[0] += 4
+    meter.update(10)                         # the last is always written: 10 in 20 s
+    assert log.getvalue().splitlines() == [
+        "backbone: 2/10 images, 0.5 images/s, ETA 0:16", "backbone: 5/10 images, K=3, 0.333 images/s, ETA 0:15",
+        "backbone: 6/10 images, epoch 1/2, 0.375 images/s, ETA 0:11", "backbone: 10/10 images, 0.5 images/s, ETA 0:00"]
+    silent = Progress("backbone", 10, "images", None)
+    silent.update(10)
+    silent.close()
+
+
+def test_progress_on_a_terminal_redraws_one_line_and_ends_it_on_error(clock):
+    tty = Terminal()
+    with pytest.raises(RuntimeError):
+        with Progress("k-means", 3600, "runs", tty) as meter:
+            meter.update(0, "now K=100 seed 0")  # nothing done yet: no rate, unknown ETA
+            clock[0] += 1
+            meter.update(1)                       # shorter: padded so no stale characters stay
+            clock[0] += 1
+            meter.update(2)
+            raise RuntimeError
+    first, second, third = "k-means: 0/3600 runs, now K=100 seed 0, ETA ?", "k-means: 1/3600 runs, 1 runs/s, " \
+        "ETA 59:59", "k-means: 2/3600 runs, 1 runs/s, ETA 59:58"
+    assert tty.getvalue() == f"\r{first}\r{second.ljust(len(first))}\r{third.ljust(len(second))}\n"
+    assert eval_cluster.format_seconds(3 * 3600 + 61.4) == "3:01:01"
+
+
+def test_backbone_tokens_precision():
+    torch.manual_seed(0)
+    model = build_vit("vit_tiny", 16).eval()
+    images = torch.randn(2, 3, 32, 48)
+    fp32 = backbone_tokens(model, images)
+    assert fp32.dtype == torch.float32 and torch.equal(fp32, model(images).reshape(2, 2, 3, 192))
+    bf16 = backbone_tokens(model, images, precision="bf16")  # CPU autocast: bfloat16 matmuls
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    torch.testing.assert_close(bf16, fp32, atol=0.1, rtol=0.05)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        backbone_tokens(model, images, precision="fp16")
+
+
+def test_extract_features_keeps_uint8_masks_and_one_copy_in_the_asked_dtype():
+    torch.manual_seed(0)
+    model = build_vit("vit_tiny", 16)
+    dataset = build_eval_dataset("synthetic", None, "val", size=32, num_images=5)
+    log = io.StringIO()
+    out = extract_features(model, dataset, batch_size=2, device="cpu", return_attention=True, progress=log)
+    assert out["masks"].dtype == torch.uint8 and out["features"].shape == (5, 2, 2, 192)
+    assert torch.equal(out["masks"], torch.stack([dataset[i][1] for i in range(5)]).to(torch.uint8))
+    assert out["attention"].shape == (5, 3, 4)
+    assert "backbone: 5/5 images" in log.getvalue().splitlines()[-1] and "ETA" in log.getvalue()
+    cached = extract_features(model, dataset, batch_size=3, device="cpu", mask_size=8, dtype=torch.bfloat16)
+    assert torch.equal(cached["features"], out["features"].to(torch.bfloat16))
+    assert torch.equal(cached["masks"], resize_labels(out["masks"], 8))
+    hint_only = extract_features(model, dataset, batch_size=2, device="cpu", return_attention=True,
+                                 return_features=False)
+    assert set(hint_only) == {"masks", "attention"} and torch.equal(hint_only["attention"], out["attention"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,3 +452,31 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
                              "--dataset", "voc", "--data-root", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode != 0
     assert "no.pth does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_shows_progress_and_saves_cluster_maps(tmp_path, capsys):
+    """The command line on voc_mini: progress lines with an ETA on stderr, and --save-maps 2 writes 2 PNGs named
+    after the images: image | ground truth | matched clusters | raw clusters."""
+    weights = require(WEIGHTS / "dinov2_vits14_imgfocus.pth")
+    root = require(DATA / "voc_mini")
+    argv = ["--pretrained", str(weights), "--dataset", "voc", "--data-root", str(root), "--input-size", "112",
+            "--ks", "21", "--seeds", "0", "--iterations", "10", "--restarts", "1", "--num-workers", "0",
+            "--device", "cpu", "--batch-size", "2"]
+    report = main(get_args_parser().parse_args(argv + ["--output-json", str(tmp_path / "run" / "out.json"),
+                                                       "--save-maps", "2"]))
+    progress = capsys.readouterr().err.splitlines()
+    assert progress[-1].startswith("k-means: 1/1 runs") and all("ETA" in line for line in progress)
+    assert any(line.startswith("backbone: 4/4 images, ") for line in progress)
+    maps = sorted((tmp_path / "run" / "maps").iterdir())
+    assert [m.name for m in maps] == [f"{Path(f).stem}.png" for f in report["files"][:2]]
+    dataset = build_eval_dataset("voc", str(root), "val", size=112)
+    for i, path in enumerate(maps):
+        with Image.open(path) as png:
+            panel = np.asarray(png.convert("RGB"))
+        assert panel.shape == (112, 4 * 112 + 3 * 4, 3)
+        gt = voc_palette()[resize_labels(resize_labels(dataset[i][1][None], 100), 112)[0].numpy()]
+        assert np.array_equal(panel[:, 116:228], gt)
+        matched = {tuple(c) for c in panel[:, 232:344].reshape(-1, 3)}
+        assert matched <= {tuple(c) for c in voc_palette(21)}  # every cluster drawn in its class colour
+    quiet = main(get_args_parser().parse_args(argv + ["--output-json", "", "--quiet"]))
+    assert capsys.readouterr().err == "" and quiet["results"] == report["results"]

@@ -3,13 +3,17 @@ end-to-end runs with the real ViT-S/14 against a random init."""
 import math
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from conftest import DATA, REPO, WEIGHTS, require
+from eval_cluster import voc_palette
 from eval_linear import (FCNHead, build_head, get_args_parser, load_head_strict, main, probe_logits, read_head_state,
                          save_head)
 
@@ -136,15 +140,27 @@ def test_end_to_end_linear_probe_pretrained_beats_random_init(tmp_path, camvid_s
     assert again["miou"] == pytest.approx(pretrained["miou"], abs=1e-12)
 
 
-def test_end_to_end_fcn_probe_with_augmentation_on_voc(tmp_path):
-    """FCN head trained on augmented crops (no cache) of VOC-layout images at small sizes, then --head evaluation."""
+def test_end_to_end_fcn_probe_with_augmentation_on_voc(tmp_path, capsys):
+    """FCN head trained on augmented crops (no cache) of VOC-layout images at small sizes, then --head evaluation;
+    progress lines with an ETA, and --save-maps panels image | ground truth | prediction."""
     weights = require(WEIGHTS / "dinov2_vits14_imgfocus.pth")
     root = require(DATA / "voc_mini")
     common = ["--dataset", "voc", "--data-root", str(root), "--pretrained", str(weights), "--input-size", "112",
               "--batch-size", "2", "--head-eval-size", "16"]
     trained = run_main(tmp_path, *common, "--head-type", "fcn", "--train-split", "val", "--epochs", "2",
-                       "--train-mask-size", "16", "--output-dir", str(tmp_path / "fcn"))
+                       "--train-mask-size", "16", "--output-dir", str(tmp_path / "fcn"), "--save-maps", "3")
     assert trained["protocol"]["head_type"] == "fcn" and len(trained["train_losses"]) == 2
+    progress = capsys.readouterr().err.splitlines()
+    assert all("ETA" in line for line in progress)
+    assert any(line.startswith("probe training: 2/4 batches, epoch 1/2, loss ") for line in progress)
+    assert progress[-1].startswith("probe evaluation: 4/4 images")
+    maps = sorted((tmp_path / "fcn" / "maps").iterdir())
+    assert [m.name for m in maps] == [f"{Path(f).stem}.png" for f in trained["val_files"][:3]]
+    for path in maps:
+        with Image.open(path) as png:
+            panel = np.asarray(png.convert("RGB"))
+        assert panel.shape == (112, 3 * 112 + 2 * 4, 3)
+        assert {tuple(c) for c in panel[:, 232:].reshape(-1, 3)} <= {tuple(c) for c in voc_palette(21)}
     assert trained["train"]["augmentation"].startswith("RandomResizedCrop")
     assert 0 < trained["miou"] <= 1 and len(trained["iou_per_class"]) == 21
     evaluated = run_main(tmp_path, *common, "--head", str(tmp_path / "fcn" / "fcn_head.pth"),

@@ -223,7 +223,8 @@ def test_edges_infomap_and_merge_match_golden():
     clusters_val = squeeze_maps(golden["clusters_val"])
     for run in range(params["num_runs"]):
         merged = us.merge_clusters(clusters_val, golden["communities"][run].numpy())
-        assert torch.equal(merged, squeeze_maps(golden["merged_val"][run]).long())
+        assert merged.dtype == torch.uint8
+        assert torch.equal(merged.long(), squeeze_maps(golden["merged_val"][run]).long())
 
 
 def test_hungarian_miou_of_merged_maps_matches_golden():
@@ -388,7 +389,7 @@ def test_cli_reports_bad_data_root_without_traceback(tmp_path, capsys):
 
 E2E_FLAGS = ["--train-split", "val", "--val-split", "val", "--input-size", "224", "--eval-size", "56",
              "--k-fg-extraction", "20", "--k-community", "12", "--num-runs", "3", "--kmeans-iterations", "20",
-             "--kmeans-restarts", "2", "--device", "cpu"]
+             "--kmeans-restarts", "2", "--device", "cpu", "--num-workers", "0"]
 
 
 def test_end_to_end_on_voc_mini(tmp_path):
@@ -429,3 +430,36 @@ def test_end_to_end_on_voc_mini(tmp_path):
     assert paper["foreground"]["attention_hint"] == results["foreground"]["attention_hint"]
     assert set(paper["miou"]) == {"cbfe_cd", "cbfe_cd_per_run", "upper_bound_k13"}
     assert len(list((tmp_path / "paper" / "panels").glob("*.png"))) == 1
+
+
+def test_cli_on_camvid_as_a_labelled_folder(tmp_path, capsys):
+    """The shared backbone and data arguments: CamVid (11 classes; class 0, sky, plays the background) as a labelled
+    folder, --device auto; the run prints the numbers of Tables 5 and 7, stage progress with an ETA on stderr."""
+    weights = str(require(WEIGHTS / "dinov2_vits14_imgfocus.pth"))
+    source = require(DATA / "camvid_val")
+    root = tmp_path / "camvid"
+    root.mkdir()
+    (root / "images").symlink_to(source / "images")
+    (root / "labels").symlink_to(source / "labels")
+    names = (source / "val.txt").read_text().split()
+    (root / "train.txt").write_text("\n".join(names[:4]) + "\n")
+    (root / "val.txt").write_text("\n".join(names[50:54]) + "\n")
+    out = tmp_path / "out"
+    us.main(["--pretrained", weights, "--dataset", "folder", "--num-classes", "11", "--data-root", str(root),
+             "--input-size", "112", "--eval-size", "28", "--k-fg-extraction", "20", "--k-community", "12",
+             "--num-runs", "2", "--kmeans-iterations", "10", "--kmeans-restarts", "1", "--cbfe-seeds", "1",
+             "--baseline-seeds", "1", "--max-panels", "1", "--num-workers", "0", "--device", "auto",
+             "--output-dir", str(out)])
+    captured = capsys.readouterr()
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_classes"] == 11 and results["num_train_images"] == 4 and results["num_val_images"] == 4
+    assert results["token_grid"] == [8, 8] and results["settings"]["precision"] == "fp32"
+    for name in ("cbfe_cd", "cbfe_only", "baseline_k11", "upper_bound_k13"):
+        assert 0 < results["miou"][name] < 1
+        assert f"mIoU {name:>22}: {100 * results['miou'][name]:6.2f}" in captured.out
+    assert "cbfe: Jaccard" in captured.out and "attention_hint: Jaccard" in captured.out
+    stages = [line for line in captured.err.splitlines() if line.startswith("unsup_seg: ")]
+    assert len(stages) == 7 and stages[-1].startswith("unsup_seg: 6/6 stages")
+    assert all("ETA" in line for line in captured.err.splitlines())
+    with Image.open(next((out / "panels").iterdir())) as panel:
+        assert panel.size == (4 * 112 + 3 * 4, 112)
