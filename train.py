@@ -529,7 +529,7 @@ def git_commit():
 def cluster_evaluation(backbone, dataset, args, device):
     """The quick overclustering monitor of SPEC 5.5 on the student backbone: {K: mIoU, mean over seeds}."""
     feats = eval_cluster.extract_features(backbone, dataset, batch_size=args.batch_per_rank, device=device,
-                                          mask_size=100)
+                                          mask_size=100, precision=args.eval_precision)
     results = eval_cluster.overcluster(feats["features"], feats["masks"], dataset.num_classes, ks=args.eval_ks,
                                        seeds=range(1, args.eval_seeds + 1), mask_size=100,
                                        iterations=args.eval_iterations, restarts=args.eval_restarts, device=device)
