@@ -440,7 +440,7 @@ def sinkhorn(scores, epsilon=0.05, iterations=3):
         if distributed:
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         Q = torch.exp(logits - peak)
-        mass_and_tokens = torch.stack([Q.sum(dim=(1, 2)), torch.full((G,), float(M), dtype=Q.dtype, device=Q.device)])
+        mass_and_tokens = torch.stack([Q.sum(dim=(1, 2)), torch.full_like(Q[:, 0, 0], M)])  # (2, G)
         if distributed:
             dist.all_reduce(mass_and_tokens)
         total, num_tokens = mass_and_tokens[:, :, None, None]
@@ -775,6 +775,7 @@ class Leopart(nn.Module):
         assignments = sinkhorn(scores, self.epsilon, self.sinkhorn_iterations)[:, -B * N:]
         if self.queue.shape[1]:
             emb = torch.stack([out["emb"].reshape(B * N, -1) for out in teacher_out])
+            # the tokens the loss trains on: the foreground (the background for loss_mask bg), SPEC 3.3
             fg = None if fg_masks is None else torch.stack([m.reshape(B * N) for m in fg_masks])
             self.push_to_queue(emb, fg, count=min(10 * B, self.queue.shape[1], B * N))
         return [to_map(q.view(B, N, K), grid) for q in assignments]
