@@ -7,14 +7,15 @@ op whose output size depends on the data (`nonzero`, boolean-mask indexing, `mas
 (`torch.tensor(x, device=...)`: a pageable copy that PyTorch synchronises). On the CPU none of these waits, but each
 call is still visible, so they can be counted here and kept out of the step.
 
-Usage (the lead's train.py test imports it the same way; tests/ is on sys.path under pytest):
+Usage, from any test (tests/ is on sys.path under pytest):
 
     from test_sync import count_host_syncs
     with count_host_syncs() as syncs:
         loss = model(crops, boxes)
     assert syncs.count == 0, syncs.report()
 
-`syncs.events` lists (kind, where) per event, `where` being the innermost frame outside torch's wrappers.
+`syncs.events` lists (kind, where) per event: `where` names the innermost caller outside torch and, for an event
+inside torch, the torch frame it came from (e.g. `via torch/optim/optimizer.py:102 (_get_value)`).
 Ops are seen through a TorchDispatchMode, so syncs inside torch (e.g. an optimizer's `.item()`) and in backward
 are counted too; calls that dispatch nothing on a CPU tensor (`tolist`, `cpu`, `numpy`, `torch.tensor`) are
 caught by wrapping them for the duration of the block.
@@ -26,7 +27,6 @@ from unittest import mock
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import leopart_core as lc
