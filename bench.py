@@ -1,34 +1,48 @@
 """Speed of a Leopart training step on random tensors of the real crop shapes.
 
     python bench.py --arch vit_small --batch-size 2 --device cpu
-    python bench.py --arch vit_small --batch-size 32 --device cuda
+    python bench.py --arch vit_small --batch-size 64 --device cuda [--compile]
 
-Prints images/s of the full step; the overhead ratio (full Leopart step / the same networks' plain work on the same
-crops: student backbone + head + prototypes forward and backward with a trivial loss, teacher forward, optimizer
-step), i.e. the cost of what Leopart adds (Sinkhorn, queue, alignment, foreground mask, loss, EMA); the model FLOP
-utilisation on CUDA; and Sinkhorn and the loss alone.
+Prints the time of the first step (which includes torch.compile with --compile); images/s of the full step; the
+overhead ratio (full Leopart step / the same networks' plain work on the same crops: student backbone + head +
+prototypes forward and backward with a trivial loss, teacher forward, optimizer step), i.e. the cost of what Leopart
+adds (Sinkhorn, queue, alignment, foreground mask, loss, EMA); Sinkhorn and the loss alone; the time share of
+backbone, head, Sinkhorn, loss, foreground mask and optimizer in one instrumented step; the model FLOPs per step
+and, where the device's peak is known (or given), the model FLOP utilisation; and the peak memory on CUDA.
+The same code runs on every device.
 """
 import argparse
 import statistics
 import time
+from collections import defaultdict
 
 import torch
+import torch.nn as nn
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import leopart_core as lc
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+# Dense bf16 tensor-core peaks (TFLOP/s, float32 accumulation) by a substring of torch.cuda.get_device_name(),
+# most specific first ("H100 PCIe" before "H100", "A100" before "A10", "L40S" before "L4").
+PEAK_BF16_TFLOPS = [("B200", 2250.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H20", 148.0),
+                    ("A100", 312.0), ("A10", 125.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+                    ("RTX 4090", 165.0), ("RTX 6000 Ada", 364.0)]
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("Leopart step benchmark")
     p.add_argument("--arch", default="vit_small", choices=sorted(lc.ARCHS))
-    p.add_argument("--patch-size", type=int, default=None)
+    p.add_argument("--patch-size", type=int, default=None, help="16 or 8 for the DINO archs (default 16)")
     p.add_argument("--batch-size", type=int, default=2, help="images per step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 on CUDA")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="autocast of backbone and head; auto = bf16 on CUDA, as train.py")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the student and teacher backbones in place (module.compile(), so state-dict "
+                        "keys do not change), as train.py --compile")
     p.add_argument("--global-size", type=int, default=224)
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--num-local", type=int, default=4)
@@ -36,7 +50,8 @@ def get_args_parser():
     p.add_argument("--queue-length", type=int, default=8192, help="a full queue is benchmarked")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=6, help="timed steps of each kind, interleaved")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak for MFU; default: the dense bf16 peak of known GPUs, none on the CPU")
     return p
 
 
@@ -65,9 +80,112 @@ def random_batch(args, device):
     return crops, boxes
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The instrumented step: synchronised timers at every phase boundary, backward staged phase by phase
+# ----------------------------------------------------------------------------------------------------------------
+
+class PhaseTimer:
+    """Wall-clock seconds per phase; `switch(name)` synchronises the device, closes the running phase and opens
+    `name` (None: none)."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.phase, self.start = device, defaultdict(float), None, 0.0
+
+    def switch(self, name):
+        sync(self.device)
+        now = time.perf_counter()
+        if self.phase is not None:
+            self.seconds[self.phase] += now - self.start
+        self.phase, self.start = name, now
+
+
+class TimedStage(nn.Module):
+    """Stands in for a backbone or projection head during the instrumented step: times its forward as `phase` and
+    cuts the autograd graph at its output (a fresh leaf), recording (phase, output, leaf) in `cuts`, so that the
+    backward of each stage can be run, and timed, on its own."""
+
+    def __init__(self, inner, phase, timer, cuts):
+        super().__init__()
+        self.inner, self.phase, self.timer, self.cuts = inner, phase, timer, cuts
+
+    def forward(self, *args, **kwargs):
+        self.timer.switch(self.phase)
+        out = self.inner(*args, **kwargs)
+        rest = ()
+        if isinstance(out, tuple):  # the backbone's (tokens, attention)
+            out, rest = out[0], out[1:]
+        if out.requires_grad:
+            leaf = out.detach().requires_grad_()
+            self.cuts.append((self.phase, out, leaf))
+            out = leaf
+        self.timer.switch("other")
+        return (out, *rest) if rest else out
+
+
+def instrumented_step(model, optimizer, crops, boxes, timer):
+    """One training step with each phase timed: forward through stand-ins for backbones and heads and timed
+    `foreground_masks` / `targets` / `loss`; backward staged loss -> prototype scores -> heads -> backbones (the
+    same gradients as one backward); EMA; optimizer step."""
+    cuts = []
+    networks = [n for n in (model.student, model.teacher) if n is not None]
+    originals = [(n.backbone, n.projection_head) for n in networks]
+    for network, (backbone, head) in zip(networks, originals):
+        network.backbone = TimedStage(backbone, "backbone", timer, cuts)
+        network.projection_head = TimedStage(head, "head", timer, cuts)
+    for name, phase in (("foreground_masks", "fg mask"), ("targets", "Sinkhorn"), ("loss", "loss")):
+        setattr(model, name, timed_method(getattr(model, name), phase, timer, cuts, cut_scores=name == "loss"))
+    try:
+        timer.switch("other")
+        loss = model(crops, boxes)
+        optimizer.zero_grad(set_to_none=True)
+        timer.switch("loss")
+        loss.backward()
+        for phase in ("other", "head", "backbone"):  # downstream first: each stage's output gradient is complete
+            timer.switch(phase)
+            staged = [(out, leaf.grad) for p, out, leaf in cuts if p == phase and leaf.grad is not None]
+            torch.autograd.backward([out for out, _ in staged], [grad for _, grad in staged])
+        timer.switch("other")
+        model.update_teacher(0.9995)
+        timer.switch("optimizer")
+        optimizer.step()
+        timer.switch(None)
+    finally:
+        for network, (backbone, head) in zip(networks, originals):
+            network.backbone, network.projection_head = backbone, head
+        for name in ("foreground_masks", "targets", "loss"):
+            delattr(model, name)
+
+
+def timed_method(method, phase, timer, cuts, cut_scores):
+    """`method` timed as `phase`; with cut_scores, its first argument's student `scores` become fresh leaves, so the
+    loss's backward stops there and the prototype scores' backward is timed apart (as "other")."""
+    def run(*args, **kwargs):
+        if cut_scores:
+            outputs = []
+            for out in args[0]:
+                leaf = out["scores"].detach().requires_grad_()
+                cuts.append(("other", out["scores"], leaf))
+                outputs.append(dict(out, scores=leaf))
+            args = (outputs,) + args[1:]
+        timer.switch(phase)
+        result = method(*args, **kwargs)
+        timer.switch("other")
+        return result
+    return run
+
+
+def peak_tflops(args, device):
+    if args.peak_tflops or device.type != "cuda":
+        return args.peak_tflops
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
 def main(args):
     device = torch.device(args.device)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     student = lc.build_vit(args.arch, args.patch_size, drop_path_rate=0.1)
     teacher = lc.build_vit(args.arch, args.patch_size)
@@ -75,7 +193,10 @@ def main(args):
                        bf16=bf16).to(device)
     with torch.no_grad():  # a filled queue, so Sinkhorn runs on queue + batch as in steady-state training
         model.queue.copy_(torch.nn.functional.normalize(torch.randn_like(model.queue), dim=-1))
-    optimizer = torch.optim.AdamW([p for p in model.student.parameters()], lr=1e-5, weight_decay=0.04)
+    model.refresh_queue_fill()
+    # fused AdamW on CUDA, as train.py: no per-parameter kernels, no host reads of the step counters
+    optimizer = torch.optim.AdamW(model.student.parameters(), lr=1e-5, weight_decay=0.04,
+                                  fused=device.type == "cuda")
     crops, boxes = random_batch(args, device)
 
     def leopart_step():
@@ -95,19 +216,43 @@ def main(args):
         loss.backward()
         optimizer.step()
 
+    if args.compile:
+        model.student.backbone.compile(dynamic=False)
+        model.teacher.backbone.compile(dynamic=False)
+    t_first = timed(leopart_step, device)
     for _ in range(args.warmup):
         leopart_step()
         plain_step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     full, plain = [], []
     for _ in range(args.steps):  # interleaved, so load changes on a shared machine hit both alike
         full.append(timed(leopart_step, device))
         plain.append(timed(plain_step, device))
     t_full, t_plain = statistics.median(full), statistics.median(plain)
+    peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
-    # Leopart's own pieces alone, on this step's real shapes
+    phases = defaultdict(list)
+    for _ in range(args.steps):
+        timer = PhaseTimer(device)
+        instrumented_step(model, optimizer, crops, boxes, timer)
+        for phase, seconds in timer.seconds.items():
+            phases[phase].append(seconds)
+    phase_time = {phase: statistics.median(seconds) for phase, seconds in phases.items()}
+    t_instrumented = sum(phase_time.values())
+
+    # Model FLOPs of one step, counted in eager mode (compiled code dispatches no countable ops), attention as its
+    # two matmuls (SDPA's math form), so every device and backend counts the same
+    with torch.compiler.set_stance("force_eager"), sdpa_kernel(SDPBackend.MATH), \
+            FlopCounterMode(display=False) as counter:
+        leopart_step()
+    flops = counter.get_total_flops()
+
+    # Leopart's own pieces alone, on this step's real shapes: both global crops' Sinkhorn in one call
     B, K = args.batch_size, model.student.prototypes.out_features
     grid = args.global_size // model.patch_size
-    scores = torch.nn.functional.normalize(torch.randn(model.queue.shape[1] + B * grid * grid, K, device=device))
+    scores = torch.nn.functional.normalize(
+        torch.randn(2, model.queue.shape[1] + B * grid * grid, K, device=device), dim=-1)
     t_sinkhorn = statistics.median(timed(lambda: lc.sinkhorn(scores), device) for _ in range(args.steps))
     student_scores = [torch.randn(B, K, c.shape[-2] // model.patch_size, c.shape[-1] // model.patch_size,
                                   device=device, requires_grad=True) for c in crops]
@@ -119,21 +264,35 @@ def main(args):
 
     print(f"{args.arch}/{model.patch_size} on {device} ({'bf16' if bf16 else 'fp32'}), batch {B}, crops "
           f"2x{args.global_size} + {args.num_local}x{args.local_size}, loss mask {args.loss_mask}, "
-          f"queue {args.queue_length}, {torch.get_num_threads()} CPU threads")
+          f"queue {args.queue_length}, {torch.get_num_threads()} CPU threads"
+          f"{', compiled backbones' if args.compile else ''}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}")
+    compiled = ", includes torch.compile" if args.compile else ""
+    print(f"first step         {1000 * t_first:9.1f} ms   (the model's first{compiled})")
     print(f"full Leopart step  {1000 * t_full:9.1f} ms   {B / t_full:8.1f} images/s")
     print(f"plain network work {1000 * t_plain:9.1f} ms   {B / t_plain:8.1f} images/s")
     print(f"overhead ratio     {t_full / t_plain:9.3f}  (full / plain, medians of {args.steps} interleaved steps)")
-    print(f"Sinkhorn alone     {1000 * t_sinkhorn:9.2f} ms   ({scores.shape[0]} x {K}, 3 iterations)")
+    print(f"Sinkhorn alone     {1000 * t_sinkhorn:9.2f} ms   ({' x '.join(map(str, scores.shape))}, "
+          f"{model.sinkhorn_iterations} iterations, both global crops in one call)")
     print(f"loss alone         {1000 * t_loss:9.2f} ms   (forward + backward, {2 * (len(crops) - 1)} pairs)")
-    if device.type == "cuda":
-        with FlopCounterMode(display=False) as counter:
-            leopart_step()
-        flops = counter.get_total_flops()
-        name = torch.cuda.get_device_name(device)
-        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-        achieved = flops / t_full / 1e12
-        mfu = f"{100 * achieved / peak:.1f} % of {peak:.0f} TFLOP/s bf16 peak" if peak else "unknown peak"
-        print(f"model FLOPs/step   {flops / 1e9:9.1f} GFLOP   {achieved:8.1f} TFLOP/s   MFU {mfu} ({name})")
+    print(f"time shares        (medians of {args.steps} instrumented steps, synchronised at every phase boundary: "
+          f"{1000 * t_instrumented:.1f} ms in all)")
+    described = {"backbone": "student forward + backward, teacher forward",
+                 "head": "projection heads, student forward + backward, teacher forward",
+                 "Sinkhorn": "queue scores, Sinkhorn of both global crops, queue push",
+                 "loss": "alignment and cross-entropy, forward + backward",
+                 "fg mask": "foreground masks from the teacher's attention",
+                 "optimizer": "AdamW step" + (" (fused)" if device.type == "cuda" else ""),
+                 "other": "prototype normalisation and scores, EMA, zero_grad, glue"}
+    for phase, what in described.items():
+        print(f"  {phase:<16} {100 * phase_time.get(phase, 0.0) / t_instrumented:6.1f} %   "
+              f"{1000 * phase_time.get(phase, 0.0):9.2f} ms   ({what})")
+    achieved = flops / t_full / 1e12
+    peak = peak_tflops(args, device)
+    mfu = f"MFU {100 * achieved / peak:.1f} % of {peak:g} TFLOP/s" if peak else "MFU n/a (no known peak)"
+    print(f"model FLOPs/step   {flops / 1e9:9.1f} GFLOP   {achieved:8.2f} TFLOP/s   {mfu}")
+    if peak_memory is not None:
+        print(f"peak memory        {peak_memory / 2 ** 30:9.2f} GiB  (torch.cuda.max_memory_allocated, timed steps)")
 
 
 if __name__ == "__main__":

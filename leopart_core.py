@@ -47,13 +47,20 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, return_cls_attention=False):
-        """x (B, T, D) -> (B, T, D) and, if asked, the CLS query's softmaxed attention over all keys (B, heads, T)."""
+        """x (B, T, D) -> (B, T, D) and, if asked, the CLS query's softmaxed attention over all keys (B, heads, T).
+
+        The CLS row is computed in float32 with autocast off, from q and k as the qkv projection gave them: under a
+        caller's bf16 autocast the matmul would otherwise round its logits to bf16, and the foreground mask
+        (SPEC 4.3) thresholds the attention's cumulative mass.
+        """
         B, T, D = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         cls_attention = None
         if return_cls_attention:
-            cls_attention = ((q[:, :, 0:1].float() * self.scale) @ k.float().transpose(-2, -1)).softmax(-1)[:, :, 0]
+            with torch.autocast(x.device.type, enabled=False):
+                logits = (q[:, :, 0:1].float() * self.scale) @ k.float().transpose(-2, -1)
+                cls_attention = logits.softmax(-1)[:, :, 0]
         return self.proj(out.transpose(1, 2).reshape(B, T, D)), cls_attention
 
 
@@ -80,12 +87,16 @@ class LayerScale(nn.Module):
 
 
 def drop_path(x, drop_prob, training):
-    """Stochastic depth per sample: x / keep * floor(keep + U) (SPEC 2.1)."""
+    """Stochastic depth per sample: x / keep * floor(keep + U) (SPEC 2.1).
+
+    U is drawn in float32 whatever x's dtype: on bf16's grid (spacing 2^-8 below 1) keep + U rounds, and a small
+    drop rate such as the second block's 0.009 would come out as 2/256 = 0.0078.
+    """
     if drop_prob == 0.0 or not training:
         return x
     keep = 1.0 - drop_prob
-    mask = (keep + torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)).floor_()
-    return x / keep * mask
+    uniform = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=torch.float32, device=x.device)
+    return x / keep * (keep + uniform).floor_().to(x.dtype)
 
 
 class Block(nn.Module):
@@ -660,36 +671,44 @@ def sinkhorn(scores, epsilon=0.05, iterations=3):
     """Optimal soft assignments Q of M spatial tokens to K prototypes (Sec. 3.1; SwAV's Sinkhorn-Knopp [5, 14], as
     Leopart runs it).
 
-    scores (M, K) similarities -> (M, K) float32 assignments whose rows sum to 1. Q = exp(scores / eps) is scaled to
-    total mass 1, then `iterations` times each prototype's mass is set to 1/K and each token's to 1/M; finally rows
-    are renormalised to 1 (SPEC 3.1). The loop ends on a token step, so prototype marginals are only approximate,
-    as in the original. Each prototype's maximum score is subtracted before exp: a per-prototype factor on Q that
-    the first prototype step divides out exactly, so the result is the original's without its overflow for
-    |scores| / eps > 88 (a token row could still underflow if its scores spanned more than 87 eps, which cosine
-    scores cannot). Under torch.distributed the maxima, the total mass, the prototype masses and M are all-reduced
-    (SPEC 3.2), so every rank gets the rows it would get from one process holding all ranks' rows.
+    scores (M, K) similarities -> (M, K) float32 assignments whose rows sum to 1; or (G, M, K) -> (G, M, K): G
+    independent problems (Leopart's global crops, each with its own queue, SPEC 3.1) solved in one pass. Per
+    problem, Q = exp(scores / eps) is scaled to total mass 1, then `iterations` times each prototype's mass is set
+    to 1/K and each token's to 1/M; finally rows are renormalised to 1 (SPEC 3.1). The loop ends on a token step,
+    so prototype marginals are only approximate, as in the original. Each prototype's maximum score is subtracted
+    before exp: a per-prototype factor on Q that the first prototype step divides out exactly, so the result is the
+    original's without its overflow for |scores| / eps > 88 (a token row could still underflow if its scores
+    spanned more than 87 eps, which cosine scores cannot). Always float32, whatever the input dtype or a caller's
+    autocast.
+
+    Under torch.distributed every rank holds some tokens of each problem and gets the rows it would get from one
+    process holding all ranks' rows (SPEC 3.2): the maxima, the total mass with the token count, and each
+    iteration's prototype masses are all-reduced, one collective each for all G problems (2 + iterations calls).
     """
-    logits = scores.float() / epsilon
+    if scores.dim() not in (2, 3):
+        raise ValueError(f"sinkhorn expects scores (M, K) or (G, M, K), got shape {tuple(scores.shape)}")
     distributed = _distributed()
-    peak = logits.max(dim=0).values
-    if distributed:
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    Q = torch.exp(logits - peak)
-    total = Q.sum()
-    num_tokens = torch.tensor(float(Q.shape[0]), device=Q.device)
-    if distributed:
-        dist.all_reduce(total)
-        dist.all_reduce(num_tokens)
-    Q /= total
-    num_prototypes = Q.shape[1]
-    tiny = torch.finfo(Q.dtype).tiny  # an all-zero row or column stays zero instead of becoming NaN
-    for _ in range(iterations):
-        prototype_mass = Q.sum(dim=0)
+    with torch.autocast(scores.device.type, enabled=False):
+        logits = scores.float().reshape(-1, *scores.shape[-2:]) / epsilon  # (G, M, K)
+        G, M, K = logits.shape
+        peak = logits.amax(dim=1, keepdim=True)
         if distributed:
-            dist.all_reduce(prototype_mass)
-        Q *= (1.0 / num_prototypes) / prototype_mass.clamp_min(tiny)
-        Q *= (1.0 / num_tokens) / Q.sum(dim=1, keepdim=True).clamp_min(tiny)
-    return Q / Q.sum(dim=1, keepdim=True).clamp_min(tiny)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        Q = torch.exp(logits - peak)
+        mass_and_tokens = torch.stack([Q.sum(dim=(1, 2)), torch.full_like(Q[:, 0, 0], M)])  # (2, G)
+        if distributed:
+            dist.all_reduce(mass_and_tokens)
+        total, num_tokens = mass_and_tokens[:, :, None, None]
+        Q /= total
+        tiny = torch.finfo(Q.dtype).tiny  # an all-zero row or column stays zero instead of becoming NaN
+        for _ in range(iterations):
+            prototype_mass = Q.sum(dim=1, keepdim=True)
+            if distributed:
+                dist.all_reduce(prototype_mass)
+            Q *= (1.0 / K) / prototype_mass.clamp_min(tiny)
+            Q *= (1.0 / num_tokens) / Q.sum(dim=2, keepdim=True).clamp_min(tiny)
+        Q /= Q.sum(dim=2, keepdim=True).clamp_min(tiny)
+    return Q.view(scores.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -716,6 +735,10 @@ def foreground_mask(cls_attention, grid, mass=0.6, blur_sigma=0.6):
     Mean over heads; 7x7 Gaussian blur (sigma 0.6, reflect padding); keep the highest tokens holding `mass` of the
     attention (sorted ascending, normalised cumsum > 1 - mass, strictly; DINO's visualisation rule); then drop
     8-connected components of at most 2 pixels, a step of the original that the paper does not mention (SPEC 4.3).
+
+    Autocast is off, and the blur (torchvision builds its kernel with a matmul and applies it as a convolution) runs
+    in float64, where neither bf16 autocast nor TF32 (cuDNN's default for float32 convolutions on recent GPUs)
+    applies; rounded back to float32 it is within an ulp of the original's float32 blur.
     """
     B, heads, N = cls_attention.shape
     h, w = grid
@@ -724,14 +747,16 @@ def foreground_mask(cls_attention, grid, mass=0.6, blur_sigma=0.6):
     if min(h, w) < FOREGROUND_MIN_GRID:
         raise ValueError(f"the foreground mask needs a token grid of at least {FOREGROUND_MIN_GRID}x"
                          f"{FOREGROUND_MIN_GRID}, got {h}x{w}: use larger crops or a smaller patch size")
-    attention = cls_attention.float()
-    merged = sum(attention[:, i] / heads for i in range(heads))  # the original's head mean, summed in this order
-    blurred = gaussian_blur(merged.reshape(B, 1, h, w), kernel_size=[7, 7], sigma=[blur_sigma, blur_sigma])
-    values, order = blurred.flatten(1).sort(dim=1)
-    values = values / values.sum(dim=1, keepdim=True)
-    keep_sorted = (values.cumsum(dim=1) > 1 - mass).float()
-    fg = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted).reshape(B, 1, h, w)
-    return drop_tiny_components(fg)
+    with torch.autocast(cls_attention.device.type, enabled=False):
+        attention = cls_attention.float()
+        merged = sum(attention[:, i] / heads for i in range(heads))  # the original's head mean, in this order
+        blurred = gaussian_blur(merged.reshape(B, 1, h, w).double(), kernel_size=[7, 7],
+                                sigma=[blur_sigma, blur_sigma]).float()
+        values, order = blurred.flatten(1).sort(dim=1)
+        values = values / values.sum(dim=1, keepdim=True)
+        keep_sorted = (values.cumsum(dim=1) > 1 - mass).float()
+        fg = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted).reshape(B, 1, h, w)
+        return drop_tiny_components(fg)
 
 
 def drop_tiny_components(mask):
@@ -775,26 +800,28 @@ def leopart_loss(student_scores, target_assignments, boxes_gc, boxes_all, fg_mas
     the cross-entropy per aligned cell, averaged over cells (weighted by the aligned mask of g, which keeps only
     cells that are entirely foreground: RoI-Align value >= 1.0). The total is the mean over the G (V - 1) pairs:
     the original averages where Eq. (1) sums, and a pair whose aligned mask is empty adds 0 but still counts.
-    Logits are aligned before the softmax. Computed in float32.
+    Logits are aligned before the softmax. Computed in float32 with autocast off; the (g, g) pairs are computed and
+    weighted 0, so the loss has a fixed shape and needs no host sync.
     """
     G, V = len(target_assignments), len(student_scores)
-    # targets[b, g, v]: Q_g aligned to its intersection with crop v; predictions[b, v, g]: crop v's logits there
-    targets = torch.stack([align(q.float(), boxes_gc[:, g], patch_size, roi_size)
-                           for g, q in enumerate(target_assignments)], dim=1)
-    predictions = torch.stack([align(s.float(), boxes_all[:, v], patch_size, roi_size)
-                               for v, s in enumerate(student_scores)], dim=1)
-    log_p = F.log_softmax(predictions / temperature, dim=3)  # s_tau(alpha_{B_j,i}(Z_i^T C)), Eq. (2)
-    cross_entropy = -(targets.transpose(1, 2) * log_p).sum(dim=3)  # H[., alpha_{B_i,j}(Q_j)] per cell, Eq. (2)
-    if fg_masks is None:
-        weights = torch.ones_like(cross_entropy)
-    else:
-        aligned_masks = torch.stack([align(m.float(), boxes_gc[:, g], patch_size, roi_size)[:, :, 0]
-                                     for g, m in enumerate(fg_masks)], dim=1)  # (B, G, V, roi, roi)
-        weights = (aligned_masks >= 1.0).float().transpose(1, 2)
-    cell_sum = (cross_entropy * weights).sum(dim=(0, 3, 4))  # (V, G)
-    pair_loss = cell_sum / weights.sum(dim=(0, 3, 4)).clamp_min(1.0)  # an empty pair is 0 and stays in the graph
-    off_diagonal = ~torch.eye(V, G, dtype=torch.bool, device=pair_loss.device)  # no (g, g) term, Eq. (1)
-    return pair_loss[off_diagonal].sum() / (G * (V - 1))
+    with torch.autocast(student_scores[0].device.type, enabled=False):
+        # targets[b, g, v]: Q_g aligned to its intersection with crop v; predictions[b, v, g]: crop v's logits there
+        targets = torch.stack([align(q.float(), boxes_gc[:, g], patch_size, roi_size)
+                               for g, q in enumerate(target_assignments)], dim=1)
+        predictions = torch.stack([align(s.float(), boxes_all[:, v], patch_size, roi_size)
+                                   for v, s in enumerate(student_scores)], dim=1)
+        log_p = F.log_softmax(predictions / temperature, dim=3)  # s_tau(alpha_{B_j,i}(Z_i^T C)), Eq. (2)
+        cross_entropy = -(targets.transpose(1, 2) * log_p).sum(dim=3)  # H[., alpha_{B_i,j}(Q_j)] per cell, Eq. (2)
+        if fg_masks is None:
+            weights = torch.ones_like(cross_entropy)
+        else:
+            aligned_masks = torch.stack([align(m.float(), boxes_gc[:, g], patch_size, roi_size)[:, :, 0]
+                                         for g, m in enumerate(fg_masks)], dim=1)  # (B, G, V, roi, roi)
+            weights = (aligned_masks >= 1.0).float().transpose(1, 2)
+        cell_sum = (cross_entropy * weights).sum(dim=(0, 3, 4))  # (V, G)
+        pair_loss = cell_sum / weights.sum(dim=(0, 3, 4)).clamp_min(1.0)  # an empty pair is 0, still in the graph
+        off_diagonal = 1.0 - torch.eye(V, G, device=pair_loss.device)  # no (g, g) term, Eq. (1)
+        return (pair_loss * off_diagonal).sum() / (G * (V - 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -884,8 +911,10 @@ class Leopart(nn.Module):
     `forward(crops, boxes)` -> scalar loss. crops: V tensors (B, 3, s, s), the G global crops first; boxes:
     `{"gc": (B, G, V, 4), "all": (B, V, G, 4)}` (SPEC 1.4). One step: normalise the prototypes; the teacher
     encodes the global crops (with its CLS attention when the loss is masked); the student encodes all crops;
-    Sinkhorn turns each global crop's teacher scores (with the queue prepended) into targets Q_g; the queue takes
-    this step's foreground teacher embeddings; the loss is Eq. (1)-(2) under the foreground mask.
+    the foreground masks come from the teacher's attention; Sinkhorn turns each global crop's teacher scores (with
+    its queue prepended) into targets Q_g; the queues take this step's foreground teacher embeddings; the loss is
+    Eq. (1)-(2) under the foreground mask. The step has no host-device synchronisation: shapes and branches
+    depend only on host-side sizes and the host-side queue fill level.
 
     Only the student requires gradients, so wrapping this module in DistributedDataParallel all-reduces exactly the
     student's gradients. Call `update_teacher(momentum)` after backward and before the optimizer step (SPEC 2.3).
@@ -921,6 +950,26 @@ class Leopart(nn.Module):
         world_size = dist.get_world_size() if _distributed() else 1
         # One FIFO per global crop and per rank, holding the past teacher embeddings (SPEC 3.3).
         self.register_buffer("queue", torch.zeros(num_global_crops, queue_length // world_size, projection_dim))
+        # Rows of each queue written so far, kept on the host so that testing "full" needs no sync; every crop's
+        # queue takes the same number of rows per step. Recounted from the buffer whenever a state dict is loaded.
+        self.queue_rows_filled = 0
+        self.register_load_state_dict_post_hook(Leopart._recount_queue_after_load)
+
+    @property
+    def queue_full(self):
+        """The original's test `queue[-1].any()` (SPEC 3.3): every row has been written once."""
+        return 0 < self.queue.shape[1] <= self.queue_rows_filled
+
+    @torch.no_grad()
+    def refresh_queue_fill(self):
+        """Recount `queue_rows_filled` from the buffer (its non-zero rows; one host sync). `load_state_dict` calls
+        it; call it yourself after writing `self.queue` directly, e.g. when re-splitting queues across ranks."""
+        filled = self.queue.any(dim=-1).sum(dim=-1).min() if self.queue.numel() else 0
+        self.queue_rows_filled = int(filled)
+
+    @staticmethod
+    def _recount_queue_after_load(module, incompatible_keys):
+        module.refresh_queue_fill()
 
     @torch.no_grad()
     def normalize_prototypes(self):
@@ -938,57 +987,80 @@ class Leopart(nn.Module):
         torch._foreach_mul_(teacher, momentum)
         torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
 
-    @torch.no_grad()
-    def targets(self, teacher_out, fg_masks, grid):
-        """Sinkhorn targets Q_g (B, K, h, w) for each global crop g on its (h, w) token grid, then push crop g's
-        foreground embeddings into the queue.
-
-        The queue rows are scored with the student's prototypes, the batch with the teacher's (SPEC 3.1, as the
-        original); the queue is used once it has been filled, and filled only after this step's scores are built.
-        """
-        targets = []
-        prototypes = self.student.prototypes.weight.float()
-        for g, out in enumerate(teacher_out):
-            B, N, K = out["scores"].shape
-            scores = out["scores"].reshape(B * N, K)
-            queue = self.queue[g] if self.queue.shape[1] else None
-            if queue is not None and queue[-1].any():
-                scores = torch.cat([queue @ prototypes.t(), scores])
-            assignments = sinkhorn(scores, self.epsilon, self.sinkhorn_iterations)[-B * N:]
-            targets.append(to_map(assignments.view(B, N, K), grid))
-            if queue is not None:
-                emb = out["emb"].reshape(B * N, -1)
-                if fg_masks is not None:  # store only the tokens the loss trains on (inverted for loss_mask bg)
-                    emb = emb[fg_masks[g].reshape(B * N) > 0]
-                # 10 B random rows, as the original; fewer when fewer are foreground (the original crashes there)
-                count = min(10 * B, queue.shape[0], emb.shape[0])
-                picked = emb[torch.randperm(emb.shape[0], device=emb.device)[:count]]
-                queue.copy_(torch.cat([picked.to(queue.dtype), queue[:queue.shape[0] - count]]))
-        return targets
-
     def forward(self, crops, boxes):
-        G = self.num_global_crops
         if self.training:
             self.normalize_prototypes()
         masked = self.loss_mask != "all"
         grid = crops[0].shape[-2] // self.patch_size, crops[0].shape[-1] // self.patch_size
         with torch.no_grad():
             target_network = self.teacher if self.teacher is not None else self.student
-            teacher_out = target_network(crops[:G], return_attention=masked)
+            teacher_out = target_network(crops[:self.num_global_crops], return_attention=masked)
         student_out = self.student(crops)
-        fg_masks = None
-        if masked:
-            attention = torch.cat([out["attention"] for out in teacher_out])
-            fg = foreground_mask(attention, grid, self.fg_mass)
-            if self.loss_mask == "bg":
-                fg = 1.0 - fg
-            fg_masks = list(fg.chunk(G))
+        fg_masks = self.foreground_masks(teacher_out, grid) if masked else None
         targets = self.targets(teacher_out, fg_masks, grid)
+        return self.loss(student_out, crops, targets, boxes, fg_masks)
+
+    @torch.no_grad()
+    def foreground_masks(self, teacher_out, grid):
+        """A_b of each global crop from the teacher's CLS attention (SPEC 4.3): G masks (B, 1, h, w) of 0/1,
+        inverted for loss_mask bg."""
+        attention = torch.cat([out["attention"] for out in teacher_out])
+        fg = foreground_mask(attention, grid, self.fg_mass)
+        if self.loss_mask == "bg":
+            fg = 1.0 - fg
+        return list(fg.chunk(len(teacher_out)))
+
+    @torch.no_grad()
+    def targets(self, teacher_out, fg_masks, grid):
+        """Sinkhorn targets Q_g (B, K, h, w) for each global crop g on its (h, w) token grid (SPEC 3.1), then push
+        crop g's foreground embeddings into its queue (SPEC 3.3).
+
+        teacher_out: G dicts with `scores` (B, N, K) and `emb` (B, N, d); fg_masks: G masks (B, 1, h, w) or None.
+        Each crop's B N tokens, with its queue's rows prepended once the queue is full, are one Sinkhorn problem;
+        the G problems are solved in one call. The queue rows are scored with the student's prototypes, the batch
+        with the teacher's (SPEC 3.1, as the original), and the push comes after, so this step's Sinkhorn sees
+        only older entries.
+        """
+        B, N, K = teacher_out[0]["scores"].shape
+        scores = torch.stack([out["scores"].reshape(B * N, K) for out in teacher_out]).float()  # (G, B N, K)
+        if self.queue_full:
+            with torch.autocast(scores.device.type, enabled=False):
+                queue_scores = self.queue.float() @ self.student.prototypes.weight.float().t()  # (G, L, K)
+            scores = torch.cat([queue_scores, scores], dim=1)
+        assignments = sinkhorn(scores, self.epsilon, self.sinkhorn_iterations)[:, -B * N:]
+        if self.queue.shape[1]:
+            emb = torch.stack([out["emb"].reshape(B * N, -1) for out in teacher_out])
+            # the tokens the loss trains on: the foreground (the background for loss_mask bg), SPEC 3.3
+            fg = None if fg_masks is None else torch.stack([m.reshape(B * N) for m in fg_masks])
+            self.push_to_queue(emb, fg, count=min(10 * B, self.queue.shape[1], B * N))
+        return [to_map(q.view(B, N, K), grid) for q in assignments]
+
+    @torch.no_grad()
+    def push_to_queue(self, emb, fg, count):
+        """FIFO push of `count` random token embeddings into each global crop's queue (SPEC 3.3; the original pushes
+        10 B): emb (G, M, d) the teacher embeddings of each crop's M tokens, fg (G, M) 0/1 or None.
+
+        Ranking random keys in [0, 1) plus the mask picks the foreground tokens first, in random order, with a
+        fixed count and no host sync. When a crop has fewer foreground tokens than `count`, random background tokens
+        of that crop fill the rest (the original crashes there, SPEC 3.3), so every push advances the queues by the
+        same host-known count.
+        """
+        G, M, d = emb.shape
+        keys = torch.rand(G, M, device=emb.device)
+        if fg is not None:
+            keys += fg
+        picked = emb.gather(1, keys.topk(count, dim=1).indices[:, :, None].expand(G, count, d))
+        length = self.queue.shape[1]
+        self.queue.copy_(torch.cat([picked.to(self.queue.dtype), self.queue[:, :length - count]], dim=1))
+        self.queue_rows_filled = min(length, self.queue_rows_filled + count)
+
+    def loss(self, student_out, crops, targets, boxes, fg_masks):
+        """Eq. (1)-(2) (`leopart_loss`) on the student's prototype scores of all V crops, as (B, K, h_v, w_v)."""
         P = self.patch_size
         student_scores = [to_map(out["scores"], (crop.shape[-2] // P, crop.shape[-1] // P))
                           for out, crop in zip(student_out, crops)]
-        return leopart_loss(student_scores, targets, boxes["gc"], boxes["all"], fg_masks, self.temperature,
-                            self.patch_size, self.roi_size)
+        return leopart_loss(student_scores, targets, boxes["gc"], boxes["all"], fg_masks, self.temperature, P,
+                            self.roi_size)
 
 
 def cosine_schedule(base, final, epochs, iters_per_epoch):

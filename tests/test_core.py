@@ -91,6 +91,43 @@ def test_input_not_divisible_by_patch_size_is_rejected():
         lc.vit_tiny(16, depth=1)(torch.randn(1, 3, 100, 96))
 
 
+def test_cls_attention_is_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = lc.vit_small(16, depth=2).eval()
+    captured = {}
+    model.blocks[-1].attn.qkv.register_forward_hook(lambda module, inputs, out: captured.update(qkv=out))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, attention = model(torch.randn(2, 3, 64, 64), return_attention=True)
+    qkv = captured["qkv"]
+    assert qkv.dtype == torch.bfloat16  # q and k really come out of autocast in bf16
+    B, T, _ = qkv.shape
+    heads, head_dim = model.num_heads, model.embed_dim // model.num_heads
+    q, k, _ = qkv.reshape(B, T, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+
+    def cls_row(q, k):
+        return ((q[:, :, 0:1].float() * head_dim ** -0.5) @ k.float().transpose(-2, -1)).softmax(-1)[:, :, 0, 1:]
+    expected = cls_row(q, k)  # float32 product and softmax, outside autocast
+    assert attention.dtype == torch.float32
+    torch.testing.assert_close(attention, expected, atol=1e-6, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_product = cls_row(q, k).float()  # the same expression inside autocast: the matmul rounds to bf16
+    assert (bf16_product - expected).abs().max() > 1e-4
+
+
+def test_drop_path_keeps_small_rates_under_bf16():
+    p, n = 0.009, 4_000_000  # the second block's rate with drop_path_rate 0.1 over 12 blocks
+    torch.manual_seed(0)
+    x = torch.ones(n, 1, dtype=torch.bfloat16)
+    out = lc.drop_path(x, p, training=True)
+    kept = (out != 0).double().mean().item()
+    assert abs(kept - (1 - p)) < 0.01 * (1 - p)
+    assert abs((1 - kept) - p) < 0.05 * p  # the drop rate itself: 5 % is ~10 standard deviations at n = 4e6
+    assert out.dtype == torch.bfloat16 and torch.equal(out[out != 0], (x / (1 - p))[out != 0])
+    # A draw on bf16's grid rounds keep + U: it passes the keep-rate test above (0.9922 vs 0.991), but drops 2/256
+    bf16_kept = ((1 - p) + torch.rand(n, 1, dtype=torch.bfloat16)).floor().ne(0).double().mean().item()
+    assert abs((1 - bf16_kept) - p) > 0.1 * p
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 def tiny_state():
@@ -197,22 +234,59 @@ def test_sinkhorn_is_invariant_to_prototype_shifts_and_does_not_overflow():
     torch.testing.assert_close(lc.sinkhorn(scores.double()), lc.sinkhorn(scores), atol=2e-7, rtol=0)
 
 
-def _distributed_sinkhorn_worker(rank, init_file, rows, out_file):
+def test_sinkhorn_solves_stacked_problems_independently():
+    torch.manual_seed(0)
+    scores = F.normalize(torch.randn(2, 70, 16), dim=-1) @ F.normalize(torch.randn(12, 16), dim=1).t()
+    both = lc.sinkhorn(scores)
+    assert both.shape == (2, 70, 12)
+    for g in range(2):
+        torch.testing.assert_close(both[g], lc.sinkhorn(scores[g]), atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match=r"\(M, K\) or \(G, M, K\)"):
+        lc.sinkhorn(scores[None])
+
+
+def _distributed_sinkhorn_worker(rank, init_file, rows, stacked_rows, out_file):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.save(lc.sinkhorn(rows[rank]), f"{out_file}.{rank}")
+    calls = []
+    all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        calls.append(tuple(tensor.shape))
+        return all_reduce(tensor, *args, **kwargs)
+    dist.all_reduce = counting_all_reduce
+    try:
+        single = lc.sinkhorn(rows[rank])
+        single_calls = list(calls)
+        stacked = lc.sinkhorn(stacked_rows[rank], iterations=3)
+    finally:
+        dist.all_reduce = all_reduce
+    torch.save(dict(single=single, stacked=stacked, single_calls=single_calls,
+                    stacked_calls=calls[len(single_calls):]), f"{out_file}.{rank}")
     dist.destroy_process_group()
 
 
 def test_distributed_sinkhorn_equals_single_process(tmp_path):
     torch.manual_seed(0)
-    scores = F.normalize(torch.randn(90, 16), dim=1) @ F.normalize(torch.randn(12, 16), dim=1).t()
+    prototypes = F.normalize(torch.randn(12, 16), dim=1)
+    scores = F.normalize(torch.randn(90, 16), dim=1) @ prototypes.t()
     rows = [scores[:40], scores[40:]]  # unequal shares: M is all-reduced, not assumed equal
-    mp.spawn(_distributed_sinkhorn_worker, args=(str(tmp_path / "init"), rows, str(tmp_path / "out")), nprocs=2)
-    both = torch.cat([torch.load(tmp_path / f"out.{r}") for r in range(2)])
+    stacked = F.normalize(torch.randn(2, 90, 16), dim=-1) @ prototypes.t()  # (G, M, K): two global crops
+    stacked_rows = [stacked[:, :35], stacked[:, 35:]]
+    mp.spawn(_distributed_sinkhorn_worker, args=(str(tmp_path / "init"), rows, stacked_rows, str(tmp_path / "out")),
+             nprocs=2)
+    out = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
+    both = torch.cat([o["single"] for o in out])
     torch.testing.assert_close(both, lc.sinkhorn(scores), atol=1e-6, rtol=0)
     per_rank = torch.cat([lc.sinkhorn(r) for r in rows])
     assert (both - per_rank).abs().max() > 1e-3  # the ranks really solved one problem together
+    both = torch.cat([o["stacked"] for o in out], dim=1)
+    torch.testing.assert_close(both, lc.sinkhorn(stacked), atol=1e-6, rtol=0)
+    for g in range(2):  # each crop is its own problem, across ranks
+        torch.testing.assert_close(both[g], lc.sinkhorn(stacked[g]), atol=1e-6, rtol=0)
+    # one all-reduce for the maxima, one for mass and token count, one per iteration, for all crops together
+    assert out[0]["stacked_calls"] == [(2, 1, 12), (2, 2), (2, 1, 12), (2, 1, 12), (2, 1, 12)]
+    assert len(out[0]["single_calls"]) == 2 + 3
 
 
 # ------------------------------------------------------------------------------------------------ foreground mask
@@ -486,24 +560,67 @@ def test_queue_fills_with_foreground_teacher_embeddings_then_joins_sinkhorn():
         teacher = model.teacher(crops[:2], return_attention=True)
     fg = lc.foreground_mask(torch.cat([t["attention"] for t in teacher]), (4, 4)).chunk(2)
     model(crops, boxes)
+    assert model.queue_rows_filled == 20 and not model.queue_full  # 10 B rows per step
     for g in range(2):
-        fg_emb = teacher[g]["emb"].reshape(-1, 16)[fg[g].flatten() > 0]
-        pushed = min(20, len(fg_emb))
-        queued = model.queue[g, :pushed]
-        distances = torch.cdist(queued, fg_emb)
-        assert distances.min(dim=1).values.max() < 1e-5  # every queued row is a foreground teacher embedding
-        assert not model.queue[g, pushed:].any()
-    for _ in range(3):
-        model(crops, boxes)
-    assert model.queue[:, -1].any(dim=1).all()  # full: Sinkhorn now sees the queue rows
+        emb, is_fg = teacher[g]["emb"].reshape(-1, 16), fg[g].flatten() > 0
+        distances = torch.cdist(model.queue[g, :20], emb, compute_mode="donot_use_mm_for_euclid_dist")
+        assert distances.min(dim=1).values.max() < 1e-5  # every queued row is a teacher embedding of crop g
+        token = distances.argmin(dim=1)
+        assert len(set(token.tolist())) == 20  # distinct tokens
+        n_fg = int(is_fg.sum())
+        assert set(token[:min(n_fg, 20)].tolist()) <= set(is_fg.nonzero().flatten().tolist())  # foreground first
+        assert not is_fg[token[n_fg:]].any()  # then background tokens, when too few are foreground
+        assert not model.queue[g, 20:].any()
+    model(crops, boxes)
+    assert model.queue_full and model.queue[:, -1].any(dim=1).all()  # full: Sinkhorn now sees the queue rows
     queue_before = model.queue.clone()
-    scores = teacher[0]["scores"].reshape(-1, 20)
-    with_queue = model.targets(teacher, None, (4, 4))[0]
-    plain = lc.sinkhorn(scores).view(2, 4, 4, 20).permute(0, 3, 1, 2)
-    assert (with_queue - plain).abs().max() > 1e-4
+    with_queue = model.targets(teacher, None, (4, 4))
     prototypes = model.student.prototypes.weight
-    expected = lc.sinkhorn(torch.cat([queue_before[0] @ prototypes.t(), scores]))[-32:]
-    torch.testing.assert_close(with_queue, expected.view(2, 4, 4, 20).permute(0, 3, 1, 2))
+    for g in range(2):
+        scores = teacher[g]["scores"].reshape(-1, 20)
+        plain = lc.sinkhorn(scores).view(2, 4, 4, 20).permute(0, 3, 1, 2)
+        assert (with_queue[g] - plain).abs().max() > 1e-4
+        expected = lc.sinkhorn(torch.cat([queue_before[g] @ prototypes.t(), scores]))[-32:]
+        torch.testing.assert_close(with_queue[g], expected.view(2, 4, 4, 20).permute(0, 3, 1, 2))
+
+
+def test_queue_push_takes_foreground_first_in_random_order():
+    model = small_leopart(queue_length=30)
+    emb = torch.randn(2, 12, 16)
+    fg = torch.zeros(2, 12)
+    fg[0, [1, 4, 5, 7, 8, 10, 11]] = 1  # more foreground tokens than the count
+    fg[1, [2, 9]] = 1  # fewer: background tokens fill up
+    picks = []
+    torch.manual_seed(0)
+    for step in range(6):
+        before = model.queue.clone()
+        model.push_to_queue(emb, fg, count=5)
+        assert model.queue_rows_filled == min(30, 5 * (step + 1))
+        assert torch.equal(model.queue[:, 5:], before[:, :25])  # FIFO: older rows move back
+        token = torch.cdist(model.queue[:, :5], emb, compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=2)
+        assert torch.equal(model.queue[:, :5], emb.gather(1, token[:, :, None].expand(2, 5, 16)))
+        assert fg[0, token[0]].all() and len(set(token[0].tolist())) == 5
+        assert set(token[1, :2].tolist()) == {2, 9} and not fg[1, token[1, 2:]].any()
+        assert len(set(token[1].tolist())) == 5
+        picks.append(frozenset(token[0].tolist()))
+    assert model.queue_full
+    assert len(set(picks)) > 1 and set().union(*picks) == {1, 4, 5, 7, 8, 10, 11}  # random, not the same five
+
+
+def test_queue_fill_level_is_recounted_on_load():
+    model = small_leopart(queue_length=24)
+    crops, boxes = random_views(B=2)
+    model(crops, boxes)
+    resumed = small_leopart(queue_length=24)
+    resumed.load_state_dict(model.state_dict())
+    assert resumed.queue_rows_filled == 20 and not resumed.queue_full
+    model(crops, boxes)
+    resumed.load_state_dict(model.state_dict())
+    assert resumed.queue_full
+    resumed.queue.zero_()  # e.g. re-split queues written into the buffer directly
+    resumed.refresh_queue_fill()
+    assert resumed.queue_rows_filled == 0 and not resumed.queue_full
+    assert not small_leopart(queue_length=0).queue_full
 
 
 # ------------------------------------------------------------------------------------------------ schedules
