@@ -424,13 +424,13 @@ def param_groups(model, args):
 
 def wrap_for_training(leopart, args, ranks):
     """DDP over the student (the only module with gradients; each rank keeps its own queue, SPEC 3.3) and AdamW.
-    On CUDA the fused AdamW and bucket-view gradients change nothing but floating-point order."""
+    The fused AdamW (CPU and CUDA alike; it keeps its step counters on the device, so the step needs no host sync)
+    and bucket-view gradients change nothing but floating-point order."""
     model = leopart
     if ranks.world_size > 1:
         model = DistributedDataParallel(leopart, device_ids=[ranks.device.index] if ranks.device.type == "cuda"
                                         else None, broadcast_buffers=False, gradient_as_bucket_view=True)
-    optimizer = torch.optim.AdamW(param_groups(leopart, args), betas=(0.9, 0.999), eps=1e-8,
-                                  fused=ranks.device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(leopart, args), betas=(0.9, 0.999), eps=1e-8, fused=True)
     return model, optimizer
 
 
@@ -594,6 +594,16 @@ class LossHealth:
         self.raise_if_bad(float(bad_steps), ranks)
 
 
+def to_device(crops, boxes, photometric, augment, device):
+    """A loader batch on the training device (asynchronous copies from pinned memory on CUDA); with --augment-on
+    device, `augment` turns the uint8 crops into augmented, normalised ones with their photometric parameters."""
+    crops = [c.to(device, non_blocking=True) for c in crops]
+    boxes = {k: b.to(device, non_blocking=True) for k, b in boxes.items()}
+    if augment is not None:
+        crops = augment(crops, {k: p.to(device, non_blocking=True) for k, p in photometric.items()})
+    return crops, boxes
+
+
 def train_step(model, leopart, crops, boxes, optimizer, schedule, step, health):
     """One optimisation step at global step `step`: lr and weight decay from the schedules, loss, backward, teacher
     EMA with the pre-update student (the original's order, SPEC 2.3), then the optimizer. No host sync."""
@@ -653,10 +663,7 @@ def train_one_epoch(model, leopart, run, optimizer, schedule, epoch, step, end_s
             log(dict(event="skipped_step", step=step, epoch=epoch, ranks_without_images=int(empty)))
             step += 1
             continue
-        crops = [c.to(ranks.device, non_blocking=True) for c in crops]
-        boxes = {k: b.to(ranks.device, non_blocking=True) for k, b in boxes.items()}
-        if run.augment is not None:  # --augment-on device: uint8 crops and their photometric parameters
-            crops = run.augment(crops, {k: p.to(ranks.device, non_blocking=True) for k, p in photometric.items()})
+        crops, boxes = to_device(crops, boxes, photometric, run.augment, ranks.device)
         loss = train_step(model, leopart, crops, boxes, optimizer, schedule, step, health)
         step += 1
         seen += args.batch_size

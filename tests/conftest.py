@@ -15,6 +15,12 @@ WEIGHTS = SHARED / "weights"
 DATA = SHARED / "data"
 
 
+# The distributed tests start all their processes on this machine: keep gloo on the loopback interface. Left to
+# choose, gloo uses the interface of the host name's address, and on a sandboxed machine with torch 2.5 that hung.
+if sys.platform.startswith("linux"):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
 def require(path: Path) -> Path:
     """Return `path`, or skip the calling test with a reason when the reference file is not on this machine."""
     if not path.exists():
