@@ -10,14 +10,22 @@ adds (Sinkhorn, queue, alignment, foreground mask, loss, EMA); Sinkhorn and the 
 backbone, head, Sinkhorn, loss, foreground mask and optimizer in one instrumented step; the model FLOPs per step
 and, where the device's peak is known (or given), the model FLOP utilisation; and the peak memory on CUDA.
 The same code runs on every device.
+
+    python bench.py --eval-memory             # peak host memory of the evaluation scripts at full scale (README)
 """
 import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections import defaultdict
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -50,6 +58,11 @@ def get_args_parser():
     p.add_argument("--queue-length", type=int, default=8192, help="a full queue is benchmarked")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=6, help="timed steps of each kind, interleaved")
+    p.add_argument("--eval-memory", nargs="?", const="all", default=None,
+                   choices=["all", "eval_cluster", "eval_linear", "eval_linear_cached", "unsup_seg"],
+                   help="instead of the step: peak host memory of the evaluation scripts at full scale (README), "
+                        "all cases or the one named")
+    p.add_argument("--eval-memory-images", type=int, default=None, help="images of the measured split")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak for MFU; default: the dense bf16 peak of known GPUs, none on the CPU")
     return p
@@ -194,9 +207,8 @@ def main(args):
     with torch.no_grad():  # a filled queue, so Sinkhorn runs on queue + batch as in steady-state training
         model.queue.copy_(torch.nn.functional.normalize(torch.randn_like(model.queue), dim=-1))
     model.refresh_queue_fill()
-    # fused AdamW on CUDA, as train.py: no per-parameter kernels, no host reads of the step counters
-    optimizer = torch.optim.AdamW(model.student.parameters(), lr=1e-5, weight_decay=0.04,
-                                  fused=device.type == "cuda")
+    # fused AdamW, as train.py: no per-parameter kernels, no host reads of the step counters
+    optimizer = torch.optim.AdamW(model.student.parameters(), lr=1e-5, weight_decay=0.04, fused=True)
     crops, boxes = random_batch(args, device)
 
     def leopart_step():
@@ -282,7 +294,7 @@ def main(args):
                  "Sinkhorn": "queue scores, Sinkhorn of both global crops, queue push",
                  "loss": "alignment and cross-entropy, forward + backward",
                  "fg mask": "foreground masks from the teacher's attention",
-                 "optimizer": "AdamW step" + (" (fused)" if device.type == "cuda" else ""),
+                 "optimizer": "AdamW step (fused)",
                  "other": "prototype normalisation and scores, EMA, zero_grad, glue"}
     for phase, what in described.items():
         print(f"  {phase:<16} {100 * phase_time.get(phase, 0.0) / t_instrumented:6.1f} %   "
@@ -295,5 +307,131 @@ def main(args):
         print(f"peak memory        {peak_memory / 2 ** 30:9.2f} GiB  (torch.cuda.max_memory_allocated, timed steps)")
 
 
+# ------------------------------------------------------------------------------------------------ evaluation memory
+# Peak host memory of the evaluation scripts at full scale, without a backbone or a data set: each case runs a
+# script's own `main` (unsup_seg's `run`) in a fresh process with a data set of N synthetic 448 px scenes and a stub
+# ViT-S/16 that returns random tokens of the real shape (784 x 384 per image, object tokens along their class's
+# direction, CLS attention on the object). Everything after the backbone is the real code path. k-means runs 2
+# iterations and 1 restart and the probe 1 epoch (their memory does not grow with either, only the time); no loader
+# workers, so the peak is one process's.
+
+# (case, images, label): the full-scale sizes of the paper's evaluations.
+EVAL_MEMORY_CASES = (
+    ("eval_cluster", 1449, "VOC val, overclustering K=100/300/500"),
+    ("eval_cluster", 5000, "COCO val, overclustering K=100/300/500"),
+    ("eval_linear", 10582, "VOC trainaug linear probe, streamed (the protocol), then VOC val"),
+    ("eval_linear_cached", 10582, "VOC trainaug linear probe with --cache-features, then VOC val"),
+    ("unsup_seg", 1464, "VOC train + val (1,449) fully unsupervised segmentation"),
+)
+VOC_VAL = 1449
+
+
+class SyntheticScenes(torch.utils.data.Dataset):
+    """N items (image (3, S, S) float32, mask (S, S) int64) like data.py's labelled sets: a square object of class
+    1 + i % (C - 1) on background 0, placed by the index. The image's first channel holds mask / C, so the stub
+    backbone can see where the object is."""
+
+    def __init__(self, num_images, size=448, num_classes=21, name="synthetic"):
+        self.num_images, self.size, self.num_classes = num_images, size, num_classes
+        self.files = [f"{name}_{i:05d}.png" for i in range(num_images)]
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, index):
+        generator = torch.Generator().manual_seed(index)
+        side = self.size // 4 + int(torch.randint(self.size // 2, (1,), generator=generator))
+        top, left = torch.randint(self.size - side + 1, (2,), generator=generator).tolist()
+        mask = torch.zeros(self.size, self.size, dtype=torch.long)
+        mask[top:top + side, left:left + side] = 1 + index % (self.num_classes - 1)
+        image = torch.zeros(3, self.size, self.size)
+        image[0] = mask / self.num_classes
+        return image, mask
+
+
+class StubViT(nn.Module):
+    """Stands in for a ViT-S/16 at no cost: images (B, 3, S, S) -> patch tokens (B, (S/16)^2, 384), a random class
+    direction plus unit noise per token, and with return_attention a CLS attention (B, 6, (S/16)^2) peaked on the
+    object's tokens."""
+
+    def __init__(self, num_classes=21, patch_size=16, embed_dim=384, num_heads=6):
+        super().__init__()
+        self.num_classes, self.patch_size = num_classes, patch_size
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.register_buffer("prototypes", 3 * torch.randn(num_classes, embed_dim,
+                                                            generator=torch.Generator().manual_seed(0)))
+        self.anchor = nn.Parameter(torch.zeros(()))  # extract_features reads the device off the parameters
+
+    def forward(self, images, return_attention=False):
+        labels = (F.avg_pool2d(images[:, :1], self.patch_size) * self.num_classes).round().long().flatten(1)
+        tokens = self.prototypes[labels] + torch.randn(*labels.shape, self.embed_dim, device=images.device)
+        if not return_attention:
+            return tokens
+        logits = 3 * (labels > 0).float()[:, None] + torch.randn(labels.shape[0], self.num_heads, labels.shape[1],
+                                                                 device=images.device)
+        return tokens, logits.softmax(-1)
+
+
+def patch(module, split_sizes):
+    """Replace the module's backbone loader and data set builder by the stub and the synthetic scenes, with
+    split_sizes[split] images per split (VOC val's 1,449 for a split not named)."""
+    def build_frozen_backbone(*args, **kwargs):
+        return StubViT().eval().requires_grad_(False), "stub ViT-S/16"
+
+    def build_split(args, split, transform=None, max_images=None):
+        dataset = SyntheticScenes(split_sizes.get(split, VOC_VAL), args.input_size, name=split)
+        return dataset, dataset.num_classes, list(dataset.files)
+    module.build_frozen_backbone, module.build_split = build_frozen_backbone, build_split
+
+
+def measure_eval_memory(case, num_images):
+    """Run one case in this process; returns its peak RSS in GiB and its arguments."""
+    torch.set_num_threads(1)
+    output = tempfile.mkdtemp(prefix="eval_memory_")
+    common = ["--dataset", "voc", "--data-root", "synthetic", "--num-workers", "0", "--device", "cpu", "--quiet"]
+    if case == "eval_cluster":
+        import eval_cluster as script
+        split = "val"
+        argv = common + ["--ks", "100", "300", "500", "--seeds", "0", "--iterations", "2", "--restarts", "1",
+                         "--output-json", ""]
+    elif case.startswith("eval_linear"):
+        import eval_linear as script
+        split = "trainaug"
+        argv = common + ["--epochs", "1", "--output-dir", output] + ["--cache-features"] * case.endswith("cached")
+    elif case == "unsup_seg":
+        import unsup_seg as script
+        split = "train"
+        argv = common + ["--kmeans-iterations", "2", "--kmeans-restarts", "1", "--max-panels", "0",
+                         "--cbfe-seeds", "1", "--baseline-seeds", "1", "--output-dir", output]
+    else:
+        raise ValueError(f"unknown case {case!r}")
+    patch(script, {split: num_images})
+    args = script.get_args_parser().parse_args(argv)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    (script.run if case == "unsup_seg" else script.main)(args)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"case": case, "images": num_images, "peak_rss_gib": peak / 2**20, "rss_after_imports_gib": before / 2**20,
+            "argv": argv}
+
+
+def eval_memory(args):
+    """`--eval-memory`: each case of EVAL_MEMORY_CASES in its own process (or the one named), printing its peak
+    resident memory (README, "Host memory at full scale")."""
+    if args.eval_memory != "all":
+        images = args.eval_memory_images or next(n for c, n, _ in EVAL_MEMORY_CASES if c == args.eval_memory)
+        print(json.dumps(measure_eval_memory(args.eval_memory, images)), flush=True)
+        return
+    for case, images, label in EVAL_MEMORY_CASES:
+        out = subprocess.run([sys.executable, __file__, "--eval-memory", case, "--eval-memory-images", str(images)],
+                             capture_output=True, text=True)
+        if out.returncode:
+            print(f"{label}: failed\n{out.stderr[-2000:]}", flush=True)
+            continue
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{label} ({images} images): peak RSS {result['peak_rss_gib']:.2f} GiB "
+              f"({result['rss_after_imports_gib']:.2f} GiB after imports)", flush=True)
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    parsed = get_args_parser().parse_args()
+    eval_memory(parsed) if parsed.eval_memory else main(parsed)
