@@ -275,7 +275,7 @@ def test_distributed_sinkhorn_equals_single_process(tmp_path):
     stacked_rows = [stacked[:, :35], stacked[:, 35:]]
     mp.spawn(_distributed_sinkhorn_worker, args=(str(tmp_path / "init"), rows, stacked_rows, str(tmp_path / "out")),
              nprocs=2)
-    out = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
+    out = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
     both = torch.cat([o["single"] for o in out])
     torch.testing.assert_close(both, lc.sinkhorn(scores), atol=1e-6, rtol=0)
     per_rank = torch.cat([lc.sinkhorn(r) for r in rows])
