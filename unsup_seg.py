@@ -655,6 +655,21 @@ def load_backbones(args, device):
     return backbone, hint_backbone
 
 
+def run_record(args, n_train, n_val, num_classes, grid, cbfe, cd, num_communities):
+    """results.json's description of the run: settings, sizes, the CBFE threshold and how it was chosen, Infomap."""
+    rule = ("cut chosen by Jaccard with the train GT (paper/original code, uses train labels)"
+            if args.fg_threshold == "paper" else
+            "cut chosen by Jaccard with the noisy attention hint (no labels used anywhere)")
+    return dict(
+        settings={key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items()},
+        num_train_images=n_train, num_val_images=n_val, num_classes=num_classes, token_grid=list(grid),
+        fg_threshold=dict(mode=args.fg_threshold, rule=rule, value=cbfe["threshold"],
+                          candidates=[list(r) for r in cbfe["candidates"]],
+                          fg_clusters_train=cbfe["fg_ids_train"].tolist(), fg_clusters_val=cbfe["fg_ids_val"].tolist()),
+        infomap=dict(seeds=cd["seeds"], num_edges=len(cd["edges"]), codelengths=cd["codelengths"],
+                     num_communities=num_communities))
+
+
 def run(args):
     """Run the pipeline of SPEC 6.d with the arguments of `get_args_parser`; returns and writes results.json."""
     for name in ("k_fg_extraction", "k_community", "num_runs", "eval_size", "input_size"):
@@ -738,19 +753,7 @@ def run(args):
     log(f"Infomap over {len(cd['edges'])} edges: {num_communities} communities")
 
     next_stage()
-    results = dict(
-        settings={key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items()},
-        num_train_images=n_train, num_val_images=len(val_set), num_classes=num_classes, token_grid=list(grid),
-        fg_threshold=dict(
-            mode=args.fg_threshold,
-            rule=("cut chosen by Jaccard with the train GT (paper/original code, uses train labels)"
-                  if args.fg_threshold == "paper" else
-                  "cut chosen by Jaccard with the noisy attention hint (no labels used anywhere)"),
-            value=cbfe["threshold"], candidates=[list(r) for r in cbfe["candidates"]],
-            fg_clusters_train=cbfe["fg_ids_train"].tolist(), fg_clusters_val=cbfe["fg_ids_val"].tolist()),
-        infomap=dict(seeds=cd["seeds"], num_edges=len(cd["edges"]), codelengths=cd["codelengths"],
-                     num_communities=num_communities),
-    )
+    results = run_record(args, n_train, len(val_set), num_classes, grid, cbfe, cd, num_communities)
     segmentation = merged[0]
     if labelled_val:
         evaluation = evaluate(args, gt_small[n_train:], merged, val_clusters, feats, fg_masks, n_train,
