@@ -221,10 +221,12 @@ def _nearest(x, centroids, spherical, chunk_rows, x_sq=None, workspace=None, run
 
     Each block is one BLAS product of scores whose row minimum is the nearest centroid, as in faiss's exhaustive
     search: ||c||^2 - 2 x.c for L2 (||x||^2 is the same for every centroid, so it is added only to the minimum) and
-    -x.c when spherical. x_sq, if given, holds the squared norms of the rows searched. `guess` (m,), if given, is a
-    likely nearest centroid per row (the Lloyd loop's previous assignment): a row whose guess scores strictly below
-    every other centroid is settled by two row minima (vectorised, several times faster than an argmin), and only
-    the other rows are searched again without a guess; a guess implies runner_up.
+    -x.c when spherical. The minimum's position is found by vectorised passes (row minimum, then the largest of
+    k - j over the positions j equal to it), several times faster than torch's argmin kernel and equally exact.
+    `guess` (m,), if given, is a likely nearest centroid per row (the Lloyd loop's previous assignment): a row whose
+    guess scores strictly below every other centroid is settled by the row minimum and the runner-up alone, and
+    only the other rows are searched again without a guess; a guess implies runner_up. x_sq, if given, holds the
+    squared norms of the rows searched; workspace is an optional (2, >= min(chunk_rows, m), k) float32 buffer.
     Returns assignments (m,) int64, distances (m,) float32 (squared L2 clamped at 0, or the inner product when
     spherical) and the same distance to the second-nearest centroid when runner_up (else None), on the centroids'
     device, m = len(rows) or n. Ties go to the lowest centroid id.
@@ -233,27 +235,30 @@ def _nearest(x, centroids, spherical, chunk_rows, x_sq=None, workspace=None, run
     n, k = (x.shape[0] if rows is None else rows.shape[0]), centroids.shape[0]
     runner_up = runner_up or guess is not None
     assign = torch.empty(n, dtype=torch.long, device=dev) if guess is None else guess.clone()
-    best = torch.empty(n, dtype=torch.float32, device=dev)
-    second = torch.empty(n, dtype=torch.float32, device=dev) if runner_up else None
+    best = torch.empty(n, 1, dtype=torch.float32, device=dev)
+    second = torch.empty(n, 1, dtype=torch.float32, device=dev) if runner_up else None
     guessed = torch.empty(n, 1, dtype=torch.float32, device=dev) if guess is not None else None
     norms = None if spherical or x_sq is not None else torch.empty(n, dtype=torch.float32, device=dev)
     if workspace is None:
-        workspace = torch.empty(min(chunk_rows, n), k, dtype=torch.float32, device=dev)
+        workspace = torch.empty(2, min(chunk_rows, n), k, dtype=torch.float32, device=dev)
     c_sq = (centroids * centroids).sum(1)
+    reverse_ids = torch.arange(k, 0, -1, dtype=torch.float32, device=dev)  # k - j
     for b in _blocks(n, chunk_rows):
         xb = (x[b] if rows is None else x.index_select(0, rows[b])).to(dev, torch.float32, non_blocking=True)
-        block = workspace[:xb.shape[0]]
+        block, minima = workspace[0, :xb.shape[0]], workspace[1, :xb.shape[0]]
         torch.addmm(c_sq, xb, centroids.T, beta=0 if spherical else 1, alpha=-1 if spherical else -2, out=block)
+        torch.amin(block, 1, keepdim=True, out=best[b])
         if guess is None:
-            torch.min(block, 1, out=(best[b], assign[b]))
+            torch.eq(block, best[b], out=minima)
+            assign[b] = k - torch.amax(minima.mul_(reverse_ids), 1)
         else:
-            torch.amin(block, 1, out=best[b])
             torch.gather(block, 1, assign[b].unsqueeze(1), out=guessed[b])
         if runner_up:
             block.scatter_(1, assign[b].unsqueeze(1), float("inf"))
-            torch.amin(block, 1, out=second[b])
+            torch.amin(block, 1, keepdim=True, out=second[b])
         if norms is not None:
             norms[b] = (xb * xb).sum(1)
+    best, second = best.squeeze(1), None if second is None else second.squeeze(1)
     if guess is not None:  # rows whose guess is not strictly nearest (another centroid nearer, or tied)
         redo = ((guessed.squeeze(1) != best) | (second == best)).nonzero().squeeze(1)
     for dist in (best, second) if runner_up else (best,):
@@ -352,12 +357,13 @@ def _lloyd(train, centroids, iterations, spherical, chunk_rows, generator):
     assign = torch.full((n,), k, dtype=torch.long, device=dev)  # k: no cluster yet, a spare row of `sums`
     sums = torch.zeros(k + 1, d, dtype=torch.float64, device=dev)
     lower = torch.empty(n, dtype=torch.float64, device=dev)
-    workspace = torch.empty(min(chunk_rows, n), k, dtype=torch.float32, device=dev)
+    workspace = torch.empty(2, min(chunk_rows, n), k, dtype=torch.float32, device=dev)
     buffer = torch.empty(n, d, device=dev)
-    previous = None
+    previous, split, last = None, 0, False
     for step in range(iterations):
+        last = last or step == iterations - 1
         margin = rel_err * (x_norm + centroids.norm(dim=1).max()).square()
-        if previous is None or step == iterations - 1:
+        if previous is None or last:
             rows = torch.arange(n, device=dev)
         else:
             rows = _rows_to_reassign(train, centroids, previous, assign, lower, margin, buffer)
@@ -373,9 +379,14 @@ def _lloyd(train, centroids, iterations, spherical, chunk_rows, generator):
         previous = centroids
         counts = torch.bincount(assign, minlength=k).double()
         centroids = (sums[:k] / counts.clamp_min(1).unsqueeze(1)).float()
-        _split_empty_clusters(centroids, counts, generator)
+        split, was_split = _split_empty_clusters(centroids, counts, generator), split
         if spherical:
             centroids = F.normalize(centroids, dim=1)
+        if last:
+            break
+        # No row moved and no centroid was split now or before: the centroids are the previous ones again and every
+        # later step would repeat this one, so only the last remains (faiss 1.15 also stops a converged run).
+        last = len(moved) == 0 and split == 0 and was_split == 0
     return centroids, dist.double().sum()
 
 
