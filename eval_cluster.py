@@ -278,8 +278,8 @@ def assign_to_centroids(x, centroids, spherical=False, chunk_rows=None):
     """Nearest centroid of every row of x (faiss `index.search(x, 1)`), in blocks of `chunk_rows` rows; by default
     blocks of DISTANCE_BLOCK_ELEMENTS distances.
 
-    x (n, d) on any device (streamed to the compute device block by block), centroids (k, d) float32 on the compute
-    device. Returns assignments (n,) int64 and distances (n,) float32 on the compute device: squared L2 distance,
+    x (n, d) finite, on any device (streamed to the compute device block by block), centroids (k, d) float32 on the
+    compute device. Returns assignments (n,) int64 and distances (n,) float32 on the compute device: squared L2 distance,
     or the inner product when spherical (IndexFlatIP). Ties go to the lowest centroid id.
     """
     chunk_rows = chunk_rows or max(1, DISTANCE_BLOCK_ELEMENTS // centroids.shape[0])
@@ -367,15 +367,17 @@ def _lloyd(train, centroids, iterations, spherical, chunk_rows, generator):
             rows = torch.arange(n, device=dev)
         else:
             rows = _rows_to_reassign(train, centroids, previous, assign, lower, margin, buffer)
-        new, dist, second = _nearest(train, centroids, spherical, chunk_rows, train_sq[rows], workspace, True, rows,
-                                     guess=None if previous is None else assign[rows])
+        old, rows_sq = assign.index_select(0, rows), train_sq.index_select(0, rows)
+        new, dist, second = _nearest(train, centroids, spherical, chunk_rows, rows_sq, workspace, True, rows,
+                                     guess=None if previous is None else old)
         if spherical:  # |x - c|^2 = |x|^2 + 1 - 2 x.c for unit centroids
-            second = train_sq[rows] + 1 - 2 * second
-        lower.index_copy_(0, rows, (second.double() - margin[rows]).clamp_min(0).sqrt())
-        moved = rows[new != assign[rows]]
-        sums.index_put_((assign[moved],), -train[moved].double(), accumulate=True)
+            second = rows_sq + 1 - 2 * second
+        lower.index_copy_(0, rows, (second.double() - margin.index_select(0, rows)).clamp_min_(0).sqrt_())
         assign.index_copy_(0, rows, new)
-        sums.index_put_((assign[moved],), train[moved].double(), accumulate=True)
+        moved = (new != old).nonzero().squeeze(1)
+        moved_x = train.index_select(0, rows.index_select(0, moved)).double()
+        sums.index_put_((old.index_select(0, moved),), moved_x.neg(), accumulate=True)
+        sums.index_put_((new.index_select(0, moved),), moved_x, accumulate=True)
         previous = centroids
         counts = torch.bincount(assign, minlength=k).double()
         centroids = (sums[:k] / counts.clamp_min(1).unsqueeze(1)).float()
@@ -414,6 +416,8 @@ def kmeans(x, k, iterations=100, restarts=5, seed=0, max_points_per_centroid=256
         raise ValueError(f"kmeans needs 1 <= k <= number of points, got k={k} for {n} points")
     if iterations < 1 or restarts < 1:
         raise ValueError(f"kmeans needs iterations >= 1 and restarts >= 1, got {iterations} and {restarts}")
+    if not torch.isfinite(x).all():
+        raise ValueError("kmeans needs finite points, got NaN or infinite values")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     chunk_rows = chunk_rows or max(1, DISTANCE_BLOCK_ELEMENTS // k)
 

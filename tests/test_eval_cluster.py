@@ -303,6 +303,12 @@ def test_kmeans_rejects_bad_arguments():
         kmeans(torch.randn(5, 2), 2, iterations=0)
 
 
+def test_kmeans_rejects_non_finite_points():
+    # A NaN row has no nearest centroid; the search would give it an invalid id instead of failing.
+    with pytest.raises(ValueError, match="finite"):
+        kmeans(torch.tensor([[0.0, 1.0], [float("nan"), 2.0], [3.0, 4.0]]), 2)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Standardisation and PCA
 # ---------------------------------------------------------------------------------------------------------------
