@@ -215,29 +215,24 @@ def pca(x, dim=50, max_points=None, seed=1234, chunk_rows=1 << 16, device=None):
     return out
 
 
-def _nearest(x, centroids, spherical, chunk_rows, x_sq=None, workspace=None, runner_up=False, rows=None, guess=None):
+def _nearest(x, centroids, spherical, chunk_rows, x_sq=None, workspace=None, runner_up=False, rows=None):
     """Nearest centroid of every row of x (or of x[rows]), block by block: the body of `assign_to_centroids`, which
     the Lloyd loop also calls with `runner_up` for the distance to the second-nearest centroid (its lower bounds).
 
     Each block is one BLAS product of scores whose row minimum is the nearest centroid, as in faiss's exhaustive
     search: ||c||^2 - 2 x.c for L2 (||x||^2 is the same for every centroid, so it is added only to the minimum) and
-    -x.c when spherical. The minimum's position is found by vectorised passes (row minimum, then the largest of
-    k - j over the positions j equal to it), several times faster than torch's argmin kernel and equally exact.
-    `guess` (m,), if given, is a likely nearest centroid per row (the Lloyd loop's previous assignment): a row whose
-    guess scores strictly below every other centroid is settled by the row minimum and the runner-up alone, and
-    only the other rows are searched again without a guess; a guess implies runner_up. x_sq, if given, holds the
-    squared norms of the rows searched; workspace is an optional (2, >= min(chunk_rows, m), k) float32 buffer.
-    Returns assignments (m,) int64, distances (m,) float32 (squared L2 clamped at 0, or the inner product when
-    spherical) and the same distance to the second-nearest centroid when runner_up (else None), on the centroids'
-    device, m = len(rows) or n. Ties go to the lowest centroid id.
+    -x.c when spherical. The minimum's position comes from vectorised passes (row minimum, then the largest k - j
+    over the positions j holding it), exact and several times faster than torch's argmin kernel. x_sq, if given,
+    holds the squared norms of the rows searched; workspace is an optional (2, >= min(chunk_rows, m), k) float32
+    buffer. Returns assignments (m,) int64, distances (m,) float32 (squared L2 clamped at 0, or the inner product
+    when spherical) and the same distance to the second-nearest centroid when runner_up (else None), on the
+    centroids' device, m = len(rows) or n. Ties go to the lowest centroid id.
     """
     dev = centroids.device
     n, k = (x.shape[0] if rows is None else rows.shape[0]), centroids.shape[0]
-    runner_up = runner_up or guess is not None
-    assign = torch.empty(n, dtype=torch.long, device=dev) if guess is None else guess.clone()
+    assign = torch.empty(n, dtype=torch.long, device=dev)
     best = torch.empty(n, 1, dtype=torch.float32, device=dev)
     second = torch.empty(n, 1, dtype=torch.float32, device=dev) if runner_up else None
-    guessed = torch.empty(n, 1, dtype=torch.float32, device=dev) if guess is not None else None
     norms = None if spherical or x_sq is not None else torch.empty(n, dtype=torch.float32, device=dev)
     if workspace is None:
         workspace = torch.empty(2, min(chunk_rows, n), k, dtype=torch.float32, device=dev)
@@ -248,29 +243,20 @@ def _nearest(x, centroids, spherical, chunk_rows, x_sq=None, workspace=None, run
         block, minima = workspace[0, :xb.shape[0]], workspace[1, :xb.shape[0]]
         torch.addmm(c_sq, xb, centroids.T, beta=0 if spherical else 1, alpha=-1 if spherical else -2, out=block)
         torch.amin(block, 1, keepdim=True, out=best[b])
-        if guess is None:
-            torch.eq(block, best[b], out=minima)
-            assign[b] = k - torch.amax(minima.mul_(reverse_ids), 1)
-        else:
-            torch.gather(block, 1, assign[b].unsqueeze(1), out=guessed[b])
+        torch.eq(block, best[b], out=minima)
+        assign[b] = k - torch.amax(minima.mul_(reverse_ids), 1)
         if runner_up:
             block.scatter_(1, assign[b].unsqueeze(1), float("inf"))
             torch.amin(block, 1, keepdim=True, out=second[b])
         if norms is not None:
             norms[b] = (xb * xb).sum(1)
     best, second = best.squeeze(1), None if second is None else second.squeeze(1)
-    if guess is not None:  # rows whose guess is not strictly nearest (another centroid nearer, or tied)
-        redo = ((guessed.squeeze(1) != best) | (second == best)).nonzero().squeeze(1)
     for dist in (best, second) if runner_up else (best,):
         if spherical:
             dist.neg_()
         else:
             dist += norms if x_sq is None else x_sq
             dist.clamp_min_(0)  # round-off of ||x||^2 - 2 x.c + ||c||^2 can fall below 0
-    if guess is not None:
-        assign[redo], best[redo], second[redo] = _nearest(
-            x, centroids, spherical, chunk_rows, None if x_sq is None else x_sq[redo], workspace, True,
-            redo if rows is None else rows[redo])
     return assign, best, second
 
 
@@ -341,7 +327,7 @@ def _lloyd(train, centroids, iterations, spherical, chunk_rows, generator):
 
     Same assignments as searching every row at every step, with less work (issue 14): a step searches only the rows
     that `_rows_to_reassign` cannot rule out (every row at the first and the last step, whose distances make the
-    objective), with the previous assignment as `_nearest`'s guess; the float64 sums behind the means are updated
+    objective); the float64 sums behind the means are updated
     by the rows that changed cluster (they differ from fresh sums by float64 round-off, ~1e-16 relative, far below
     the float32 resolution of the centroids); a run that reached a fixed point goes straight to its last step.
     Selecting rows costs a few host syncs per step (the empty-cluster check was one already). Returns the final
@@ -369,8 +355,7 @@ def _lloyd(train, centroids, iterations, spherical, chunk_rows, generator):
         else:
             rows = _rows_to_reassign(train, centroids, previous, assign, lower, margin, buffer)
         old, rows_sq = assign.index_select(0, rows), train_sq.index_select(0, rows)
-        new, dist, second = _nearest(train, centroids, spherical, chunk_rows, rows_sq, workspace, True, rows,
-                                     guess=None if previous is None else old)
+        new, dist, second = _nearest(train, centroids, spherical, chunk_rows, rows_sq, workspace, True, rows)
         if spherical:  # |x - c|^2 = |x|^2 + 1 - 2 x.c for unit centroids
             second = rows_sq + 1 - 2 * second
         lower.index_copy_(0, rows, (second.double() - margin.index_select(0, rows)).clamp_min_(0).sqrt_())

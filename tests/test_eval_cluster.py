@@ -240,21 +240,24 @@ def test_kmeans_keeps_the_assignments_of_the_plain_implementation():
 
 
 @pytest.mark.parametrize("spherical", [False, True])
-def test_nearest_with_a_guess_matches_the_full_search(spherical):
-    # Centroid 4 duplicates centroid 1: rows nearest to them tie and must go to 1 even when guessed 4; other
-    # guesses are random, mostly wrong. Distances and runner-up distances must equal those of a plain search.
+def test_nearest_matches_argmin_and_runner_up(spherical):
+    # Centroid 4 duplicates centroid 1: rows nearest to them tie and must go to 1, the lowest id (faiss, torch.min);
+    # their runner-up distance is then their distance. chunk_rows 7 makes many blocks of a row subset.
     g = torch.Generator().manual_seed(5)
     x, centroids = torch.randn(300, 3, generator=g), torch.randn(6, 3, generator=g)
     centroids[4] = centroids[1]
     if spherical:
         centroids = torch.nn.functional.normalize(centroids, dim=1)
-    assign, dist, second = _nearest(x, centroids, spherical, 7, runner_up=True)
-    assert (assign == 1).any() and not (assign == 4).any()
-    guess = torch.where(assign == 1, 4, torch.randint(0, 6, (300,), generator=g))
     rows = torch.arange(0, 300, 2)
-    guessed = _nearest(x, centroids, spherical, 7, rows=rows, guess=guess[rows])
-    for value, expected in zip(guessed, (assign, dist, second)):
-        assert torch.equal(value, expected[rows])
+    assign, dist, second = _nearest(x, centroids, spherical, 7, runner_up=True, rows=rows)
+    xr = x[rows].double()
+    scores = -xr @ centroids.double().T if spherical else torch.cdist(xr, centroids.double()).square()
+    two = scores.topk(2, dim=1, largest=False)
+    assert torch.equal(assign, scores.argmin(1)) and (assign == 1).any() and not (assign == 4).any()
+    sign = -1 if spherical else 1
+    torch.testing.assert_close(dist.double(), sign * two.values[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second.double(), sign * two.values[:, 1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(second[assign == 1], dist[assign == 1])
 
 
 def full_search_lloyd(x, k, iterations, restarts, seed, spherical, chunk_rows):
