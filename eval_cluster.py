@@ -265,8 +265,8 @@ def assign_to_centroids(x, centroids, spherical=False, chunk_rows=None):
     blocks of DISTANCE_BLOCK_ELEMENTS distances.
 
     x (n, d) finite, on any device (streamed to the compute device block by block), centroids (k, d) float32 on the
-    compute device. Returns assignments (n,) int64 and distances (n,) float32 on the compute device: squared L2 distance,
-    or the inner product when spherical (IndexFlatIP). Ties go to the lowest centroid id.
+    compute device. Returns assignments (n,) int64 and distances (n,) float32 on the compute device: squared L2
+    distance, or the inner product when spherical (IndexFlatIP). Ties go to the lowest centroid id.
     """
     chunk_rows = chunk_rows or max(1, DISTANCE_BLOCK_ELEMENTS // centroids.shape[0])
     assign, dist, _ = _nearest(x, centroids, spherical, chunk_rows)
@@ -327,11 +327,11 @@ def _lloyd(train, centroids, iterations, spherical, chunk_rows, generator):
 
     Same assignments as searching every row at every step, with less work (issue 14): a step searches only the rows
     that `_rows_to_reassign` cannot rule out (every row at the first and the last step, whose distances make the
-    objective); the float64 sums behind the means are updated
-    by the rows that changed cluster (they differ from fresh sums by float64 round-off, ~1e-16 relative, far below
-    the float32 resolution of the centroids); a run that reached a fixed point goes straight to its last step.
-    Selecting rows costs a few host syncs per step (the empty-cluster check was one already). Returns the final
-    centroids (k, d) and faiss's objective, the sum of the last step's distances (0-dim float64 tensor).
+    objective); the float64 sums behind the means are updated by the rows that changed cluster (they differ from
+    fresh sums by float64 round-off, ~1e-16 relative, far below the float32 resolution of the centroids); a run
+    that reached a fixed point goes straight to its last step. Selecting rows costs a few host syncs per step (the
+    empty-cluster check was one already). Returns the final centroids (k, d) and faiss's objective, the sum of the
+    last step's distances (0-dim float64 tensor).
     """
     n, d = train.shape
     k, dev = centroids.shape[0], train.device

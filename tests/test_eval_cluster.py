@@ -11,8 +11,8 @@ import torch
 from scipy.cluster.vq import kmeans2
 
 from conftest import DATA, GOLDEN, REPO, WEIGHTS, require
-from eval_cluster import (_nearest, _split_empty_clusters, assign_to_centroids, compute_miou, confusion_matrix, get_args_parser,
-                          kmeans, main, overcluster, pca, standardize)
+from eval_cluster import (_nearest, _split_empty_clusters, assign_to_centroids, compute_miou, confusion_matrix,
+                          get_args_parser, kmeans, main, overcluster, pca, standardize)
 
 
 @pytest.fixture(autouse=True, scope="module")
