@@ -1,5 +1,6 @@
 """eval_cluster.py: the original's mIoU and matchings (golden 4, SPEC 10.7), faiss-semantics k-means, standardisation,
 PCA, the overclustering protocol, and an end-to-end run with the real ViT-S/14 against a random init."""
+import hashlib
 import subprocess
 import sys
 import time
@@ -17,9 +18,9 @@ from scipy.cluster.vq import kmeans2
 from conftest import DATA, GOLDEN, REPO, WEIGHTS, require
 import eval_cluster
 from data import build_eval_dataset
-from eval_cluster import (Progress, _split_empty_clusters, backbone_tokens, compute_miou, confusion_matrix,
-                          extract_features, get_args_parser, kmeans, main, overcluster, pca, resize_labels,
-                          standardize, standardizer, voc_palette)
+from eval_cluster import (Progress, _nearest, _split_empty_clusters, assign_to_centroids, backbone_tokens,
+                          compute_miou, confusion_matrix, extract_features, get_args_parser, kmeans, main, overcluster,
+                          pca, resize_labels, standardize, standardizer, voc_palette)
 from leopart_core import build_vit
 
 
@@ -253,11 +254,94 @@ def test_split_empty_clusters_like_faiss():
         assert sorted(torch.bincount(assign, minlength=3).tolist()) == [50, 50, 50]
 
 
+def test_kmeans_keeps_the_assignments_of_the_plain_implementation():
+    # Pinned with the k-means before issue 14 (commit 47aa45e: every row searched at every step, centroid sums
+    # recomputed from scratch), on 8-d points in overlapping groups, 1500 of 3000 rows for training. The pruned
+    # search must reproduce them exactly: same hash of the assignments, same cluster sizes, same objective. (A
+    # different BLAS could in principle flip a near-tie; on this machine both implementations agree bitwise.)
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(3000, 8, generator=g) + 3 * torch.randn(3000, 1, generator=g).round()
+    pinned = {False: ("3de94b5cdd4e8e0a", [185, 353, 269, 227, 772, 375, 235, 205, 367, 12], 15095.82284104824),
+              True: ("2f3d22c330d40e71", [140, 658, 163, 429, 134, 442, 143, 146, 613, 132], 14378.437385648489)}
+    for spherical, (digest, sizes, objective) in pinned.items():
+        _, assign, obj = kmeans(x, 10, iterations=40, restarts=3, seed=7, max_points_per_centroid=200,
+                                spherical=spherical, device="cpu")
+        assert hashlib.sha256(assign.numpy().astype("<i8").tobytes()).hexdigest()[:16] == digest
+        assert torch.bincount(assign, minlength=10).tolist() == sizes
+        assert obj == pytest.approx(objective, rel=1e-5)
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_nearest_matches_argmin_and_runner_up(spherical):
+    # Centroid 4 duplicates centroid 1: rows nearest to them tie and must go to 1, the lowest id (faiss, torch.min);
+    # their runner-up distance is then their distance. chunk_rows 7 makes many blocks of a row subset.
+    g = torch.Generator().manual_seed(5)
+    x, centroids = torch.randn(300, 3, generator=g), torch.randn(6, 3, generator=g)
+    centroids[4] = centroids[1]
+    if spherical:
+        centroids = torch.nn.functional.normalize(centroids, dim=1)
+    rows = torch.arange(0, 300, 2)
+    assign, dist, second = _nearest(x, centroids, spherical, 7, runner_up=True, rows=rows)
+    xr = x[rows].double()
+    scores = -xr @ centroids.double().T if spherical else torch.cdist(xr, centroids.double()).square()
+    two = scores.topk(2, dim=1, largest=False)
+    assert torch.equal(assign, scores.argmin(1)) and (assign == 1).any() and not (assign == 4).any()
+    sign = -1 if spherical else 1
+    torch.testing.assert_close(dist.double(), sign * two.values[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second.double(), sign * two.values[:, 1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(second[assign == 1], dist[assign == 1])
+
+
+def full_search_lloyd(x, k, iterations, restarts, seed, spherical, chunk_rows):
+    """The Lloyd loop searching every row at every step, centroids from fresh float64 sums (faiss's algorithm as
+    kmeans implemented it before issue 14); returns the kept run's (centroids, objective)."""
+    best = None
+    for redo in range(restarts):
+        gen = torch.Generator().manual_seed(seed + 1 + redo * 15486557)
+        centroids = x[torch.randperm(len(x), generator=gen)[:k]].clone()
+        if spherical:
+            centroids = torch.nn.functional.normalize(centroids, dim=1)
+        for _ in range(iterations):
+            assign, dist = assign_to_centroids(x, centroids, spherical, chunk_rows)
+            counts = torch.bincount(assign, minlength=k).double()
+            sums = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, assign, x.double())
+            centroids = (sums / counts.clamp_min(1).unsqueeze(1)).float()
+            _split_empty_clusters(centroids, counts, gen)
+            if spherical:
+                centroids = torch.nn.functional.normalize(centroids, dim=1)
+        objective = dist.double().sum().item()
+        if best is None or (objective > best[1] if spherical else objective < best[1]):
+            best = (centroids, objective)
+    return best
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_kmeans_pruning_gives_the_assignments_of_the_full_search(spherical):
+    # 40 distinct points repeated 8 times: random initialisations pick duplicate rows, so centroids tie exactly
+    # (the lowest id must win), clusters empty and get split; chunk_rows 13 makes several distance blocks.
+    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(3)).repeat(8, 1)
+    x = torch.cat([x, torch.randn(200, 4, generator=torch.Generator().manual_seed(4))])
+    for k in (1, 12, 30):
+        centroids, assign, objective = kmeans(x, k, iterations=25, restarts=3, seed=k, spherical=spherical,
+                                              device="cpu", chunk_rows=13, max_points_per_centroid=len(x))
+        ref_centroids, ref_objective = full_search_lloyd(x, k, 25, 3, k, spherical, 13)
+        # Any step assigning a row differently would move some centroid: they agree to float64 round-off.
+        torch.testing.assert_close(centroids, ref_centroids, atol=1e-6, rtol=0)
+        assert objective == pytest.approx(ref_objective, rel=1e-6)
+        assert torch.equal(assign, assign_to_centroids(x, ref_centroids, spherical)[0])
+
+
 def test_kmeans_rejects_bad_arguments():
     with pytest.raises(ValueError, match="k="):
         kmeans(torch.randn(5, 2), 6)
     with pytest.raises(ValueError, match="iterations"):
         kmeans(torch.randn(5, 2), 2, iterations=0)
+
+
+def test_kmeans_rejects_non_finite_points():
+    # A NaN row has no nearest centroid; the search would give it an invalid id instead of failing.
+    with pytest.raises(ValueError, match="finite"):
+        kmeans(torch.tensor([[0.0, 1.0], [float("nan"), 2.0], [3.0, 4.0]]), 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
