@@ -15,6 +15,7 @@ The same code runs on every device.
 """
 import argparse
 import json
+import re
 import resource
 import statistics
 import subprocess
@@ -33,8 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import leopart_core as lc
 
-# Dense bf16 tensor-core peaks (TFLOP/s, float32 accumulation) by a substring of torch.cuda.get_device_name(),
-# most specific first ("H100 PCIe" before "H100", "A100" before "A10", "L40S" before "L4").
+# Dense bf16 tensor-core peaks (TFLOP/s, float32 accumulation) by a whole-word part of torch.cuda.get_device_name()
+# ("A10" is not "A10G"), most specific first ("H100 PCIe" before "H100"); other GPUs take --peak-tflops.
 PEAK_BF16_TFLOPS = [("B200", 2250.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H20", 148.0),
                     ("A100", 312.0), ("A10", 125.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
                     ("RTX 4090", 165.0), ("RTX 6000 Ada", 364.0)]
@@ -49,8 +50,8 @@ def get_args_parser():
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="autocast of backbone and head; auto = bf16 on CUDA, as train.py")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the student and teacher backbones in place (module.compile(), so state-dict "
-                        "keys do not change), as train.py --compile")
+                   help="torch.compile the student and teacher backbones (Leopart.compile_backbones, as train.py "
+                        "--compile)")
     p.add_argument("--global-size", type=int, default=224)
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--num-local", type=int, default=4)
@@ -187,11 +188,13 @@ def timed_method(method, phase, timer, cuts, cut_scores):
     return run
 
 
-def peak_tflops(args, device):
-    if args.peak_tflops or device.type != "cuda":
+def peak_tflops(args, device, bf16):
+    """--peak-tflops, else the bf16 peak of a known GPU when the step runs in bf16 (fp32 has other peaks), else
+    None."""
+    if args.peak_tflops or device.type != "cuda" or not bf16:
         return args.peak_tflops
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if re.search(rf"\b{re.escape(key)}\b", name)), None)
 
 
 def main(args):
@@ -228,9 +231,13 @@ def main(args):
         loss.backward()
         optimizer.step()
 
+    # Model FLOPs of one step, counted before any compilation (compiled code dispatches no countable ops),
+    # attention as its two matmuls (SDPA's math form), so every device and backend counts the same
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        leopart_step()
+    flops = counter.get_total_flops()
     if args.compile:
-        model.student.backbone.compile(dynamic=False)
-        model.teacher.backbone.compile(dynamic=False)
+        model.compile_backbones()
     t_first = timed(leopart_step, device)
     for _ in range(args.warmup):
         leopart_step()
@@ -253,13 +260,6 @@ def main(args):
     phase_time = {phase: statistics.median(seconds) for phase, seconds in phases.items()}
     t_instrumented = sum(phase_time.values())
 
-    # Model FLOPs of one step, counted in eager mode (compiled code dispatches no countable ops), attention as its
-    # two matmuls (SDPA's math form), so every device and backend counts the same
-    with torch.compiler.set_stance("force_eager"), sdpa_kernel(SDPBackend.MATH), \
-            FlopCounterMode(display=False) as counter:
-        leopart_step()
-    flops = counter.get_total_flops()
-
     # Leopart's own pieces alone, on this step's real shapes: both global crops' Sinkhorn in one call
     B, K = args.batch_size, model.student.prototypes.out_features
     grid = args.global_size // model.patch_size
@@ -280,7 +280,7 @@ def main(args):
           f"{', compiled backbones' if args.compile else ''}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}")
     compiled = ", includes torch.compile" if args.compile else ""
-    print(f"first step         {1000 * t_first:9.1f} ms   (the model's first{compiled})")
+    print(f"first step         {1000 * t_first:9.1f} ms   (the first timed one{compiled})")
     print(f"full Leopart step  {1000 * t_full:9.1f} ms   {B / t_full:8.1f} images/s")
     print(f"plain network work {1000 * t_plain:9.1f} ms   {B / t_plain:8.1f} images/s")
     print(f"overhead ratio     {t_full / t_plain:9.3f}  (full / plain, medians of {args.steps} interleaved steps)")
@@ -300,8 +300,9 @@ def main(args):
         print(f"  {phase:<16} {100 * phase_time.get(phase, 0.0) / t_instrumented:6.1f} %   "
               f"{1000 * phase_time.get(phase, 0.0):9.2f} ms   ({what})")
     achieved = flops / t_full / 1e12
-    peak = peak_tflops(args, device)
-    mfu = f"MFU {100 * achieved / peak:.1f} % of {peak:g} TFLOP/s" if peak else "MFU n/a (no known peak)"
+    peak = peak_tflops(args, device, bf16)
+    source = "--peak-tflops" if args.peak_tflops else "the dense bf16 peak"
+    mfu = f"MFU {100 * achieved / peak:.1f} % of {peak:g} TFLOP/s ({source})" if peak else "MFU n/a (no known peak)"
     print(f"model FLOPs/step   {flops / 1e9:9.1f} GFLOP   {achieved:8.2f} TFLOP/s   {mfu}")
     if peak_memory is not None:
         print(f"peak memory        {peak_memory / 2 ** 30:9.2f} GiB  (torch.cuda.max_memory_allocated, timed steps)")
@@ -387,31 +388,31 @@ def patch(module, split_sizes):
 def measure_eval_memory(case, num_images):
     """Run one case in this process; returns its peak RSS in GiB and its arguments."""
     torch.set_num_threads(1)
-    output = tempfile.mkdtemp(prefix="eval_memory_")
-    common = ["--dataset", "voc", "--data-root", "synthetic", "--num-workers", "0", "--device", "cpu", "--quiet"]
-    if case == "eval_cluster":
-        import eval_cluster as script
-        split = "val"
-        argv = common + ["--ks", "100", "300", "500", "--seeds", "0", "--iterations", "2", "--restarts", "1",
-                         "--output-json", ""]
-    elif case.startswith("eval_linear"):
-        import eval_linear as script
-        split = "trainaug"
-        argv = common + ["--epochs", "1", "--output-dir", output] + ["--cache-features"] * case.endswith("cached")
-    elif case == "unsup_seg":
-        import unsup_seg as script
-        split = "train"
-        argv = common + ["--kmeans-iterations", "2", "--kmeans-restarts", "1", "--max-panels", "0",
-                         "--cbfe-seeds", "1", "--baseline-seeds", "1", "--output-dir", output]
-    else:
-        raise ValueError(f"unknown case {case!r}")
-    patch(script, {split: num_images})
-    args = script.get_args_parser().parse_args(argv)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    (script.run if case == "unsup_seg" else script.main)(args)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"case": case, "images": num_images, "peak_rss_gib": peak / 2**20, "rss_after_imports_gib": before / 2**20,
-            "argv": argv}
+    with tempfile.TemporaryDirectory(prefix="eval_memory_") as output:  # the scripts' outputs, removed after
+        common = ["--dataset", "voc", "--data-root", "synthetic", "--num-workers", "0", "--device", "cpu", "--quiet"]
+        if case == "eval_cluster":
+            import eval_cluster as script
+            split = "val"
+            argv = common + ["--ks", "100", "300", "500", "--seeds", "0", "--iterations", "2", "--restarts", "1",
+                             "--output-json", ""]
+        elif case.startswith("eval_linear"):
+            import eval_linear as script
+            split = "trainaug"
+            argv = common + ["--epochs", "1", "--output-dir", output] + ["--cache-features"] * case.endswith("cached")
+        elif case == "unsup_seg":
+            import unsup_seg as script
+            split = "train"
+            argv = common + ["--kmeans-iterations", "2", "--kmeans-restarts", "1", "--max-panels", "0",
+                             "--cbfe-seeds", "1", "--baseline-seeds", "1", "--output-dir", output]
+        else:
+            raise ValueError(f"unknown case {case!r}")
+        patch(script, {split: num_images})
+        args = script.get_args_parser().parse_args(argv)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        (script.run if case == "unsup_seg" else script.main)(args)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        return {"case": case, "images": num_images, "peak_rss_gib": peak / 2**20,
+                "rss_after_imports_gib": before / 2**20, "argv": argv}
 
 
 def eval_memory(args):

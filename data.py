@@ -148,7 +148,8 @@ class MultiCropTransform:
         self.final_transform = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def sample_box(self, i, img, boxes):
-        """Box (4,) float32 (x1, y1, x2, y2) in pixels for crop i of `img`, given the earlier boxes (i, 4) (SPEC 1.3)."""
+        """Box (4,) float32 (x1, y1, x2, y2) in pixels for crop i of `img`, given the earlier boxes (i, 4)
+        (SPEC 1.3)."""
         width, height = img.size
         y1, x1, h, w = T.RandomResizedCrop.get_params(img, self.scales[i], self.ratio)
         box = torch.tensor([x1, y1, x1 + w, y1 + h], dtype=torch.float32)

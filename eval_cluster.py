@@ -851,7 +851,8 @@ def get_args_parser():
                         help="masks and cluster maps are compared at this size, nearest (SPEC 6.c.2, 6.c.6: 100)")
     parser.add_argument("--pca-dim", type=int, default=50,
                         help="PCA dimensions after standardisation (SPEC 6.c.4: 50); 0 disables the PCA")
-    parser.add_argument("--iterations", type=int, default=100, help="Lloyd iterations per run (faiss niter, SPEC 6.c.5)")
+    parser.add_argument("--iterations", type=int, default=100,
+                        help="Lloyd iterations per run (faiss niter, SPEC 6.c.5)")
     parser.add_argument("--restarts", type=int, default=5,
                         help="k-means restarts keeping the lowest objective (faiss nredo, SPEC 6.c.5)")
     parser.add_argument("--output-json", default="output/eval_cluster.json",
@@ -920,7 +921,8 @@ def main(args):
                 "num_images": n, "num_classes": num_classes, "input_size": args.input_size, "token_grid": [h, w],
                 "mask_size": args.mask_size, "pca_dim": args.pca_dim, "seeds": list(args.seeds),
                 "precision": args.precision, "iterations": args.iterations, "restarts": args.restarts,
-                "max_points_per_centroid": 256, "extract_seconds": extract_s, "cluster_seconds": cluster_s, "device": str(device)}
+                "max_points_per_centroid": 256, "extract_seconds": extract_s, "cluster_seconds": cluster_s,
+                "device": str(device)}
     print("protocol: " + ", ".join(f"{k} {v}" for k, v in protocol.items() if k not in ("extract_seconds",
                                                                                         "cluster_seconds")))
     print(f"{'K':>6} {'matching':>22} {'mIoU mean':>10} {'std':>7}  per seed")

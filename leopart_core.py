@@ -619,8 +619,8 @@ def load_pretrained(model, path_or_url):
 def load_backbone(path_or_url, arch=None, patch_size=None, **kw):
     """Build the ViT a checkpoint holds and load it. With `arch=None` the architecture is read off the tensor
     shapes (and the head count off a hub config.json); a backbone with registers is built as torch.hub's
-    dinov2_*_reg are (position table resized by size, antialiased). With an explicit `arch` a checkpoint of another shape is an
-    error."""
+    dinov2_*_reg are (position table resized by size, antialiased). With an explicit `arch` a checkpoint of another
+    shape is an error."""
     state, fmt, num_heads = read_backbone(path_or_url)
     try:
         config = vit_config_from_state_dict(state)
@@ -976,6 +976,14 @@ class Leopart(nn.Module):
         for network in (self.student, self.teacher):
             if network is not None:
                 network.normalize_prototypes()
+
+    def compile_backbones(self):
+        """torch.compile the student's and teacher's ViTs in place (parameter names and checkpoints stay those of
+        the plain modules). Only the backbones: the rest of the step has branches on host-side sizes. Static shapes,
+        so each crop size (global, local, evaluation) gets its own graph rather than a dynamic-shape one."""
+        for network in (self.student, self.teacher):
+            if network is not None:
+                network.backbone.compile(dynamic=False)
 
     @torch.no_grad()
     def update_teacher(self, momentum):

@@ -400,10 +400,8 @@ def build_model(args, device):
                        queue_length=args.queue_length, roi_size=args.roi_size,
                        teacher_head_init=args.teacher_head_init, bf16=args.bf16)
     model.to(device)
-    if args.compile:  # in place, so parameter names and checkpoints stay those of the plain modules
-        for network in (model.student, model.teacher):
-            if network is not None:
-                network.backbone.compile()
+    if args.compile:
+        model.compile_backbones()
     return model
 
 
@@ -728,7 +726,9 @@ def train(args, ranks, demo_keys):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    if device.type == "cuda":  # no TF32: the backbone and head run in bf16 or true fp32, the scores in true fp32
+    if device.type == "cuda":
+        # TF32 matmuls stay off (torch's default), so the scores are true fp32; cuDNN's own TF32 default for
+        # convolutions reaches only the backbone's patch embedding (the mask's blur runs in float64)
         torch.backends.cudnn.benchmark = True
 
     leopart = build_model(args, device)
