@@ -224,7 +224,7 @@ class MultiCropTransform:
             return [TF.to_tensor(crop) for crop in crops], {"gc": gc, "all": all_}
         if self.augment_on == "cpu":
             return [self.augment_pil(crop, p) for crop, p in zip(crops, draws)], {"gc": gc, "all": all_}
-        return [pil_to_uint8(crop) for crop in crops], {"gc": gc, "all": all_}, photometric_record(draws)
+        return [TF.pil_to_tensor(crop) for crop in crops], {"gc": gc, "all": all_}, photometric_record(draws)
 
 
 def resized_crop(img, box, size):
@@ -232,11 +232,6 @@ def resized_crop(img, box, size):
     bilinear filter (SPEC 1.3)."""
     x1, y1, x2, y2 = (int(v) for v in box.tolist())
     return TF.resized_crop(img, y1, x1, y2 - y1, x2 - x1, [size, size], T.InterpolationMode.BILINEAR)
-
-
-def pil_to_uint8(img):
-    """(3, H, W) uint8 tensor of an RGB PIL image, its pixels unchanged."""
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
 
 
 def photometric_record(draws):
@@ -378,15 +373,18 @@ def photometric_on_device(crops, photometric, max_sigma):
     """The device mode's photometric augmentation (SPEC 1.2) and ImageNet normalisation of a batch, on the device
     the tensors are on, one batched pass per crop index with per-image parameters and no host syncs.
 
-    crops: V uint8 tensors (B, 3, s, s); photometric: `multicrop_collate`'s dict of (B, V, ...) tensors, on the
-    same device; max_sigma: the transform's largest blur sigma (`MultiCropTransform.blur_sigma[1]`), which fixes
-    the kernel size. Returns V float32 tensors (B, 3, s, s), ready for the model.
+    crops: V uint8 tensors (B, 3, s, s); photometric: `multicrop_collate`'s dict of (B, V, ...) tensors, of which
+    the four the ops read are copied to the crops' device (asynchronously from pinned memory); max_sigma: the
+    transform's largest blur sigma (`MultiCropTransform.blur_sigma[1]`), which fixes the kernel size. Returns V
+    float32 tensors (B, 3, s, s), ready for the model.
 
     The ops are PIL's (ImageEnhance blends, HSV hexcone hue, ITU-R 601-2 grey, its three-box Gaussian blur), so
     it departs from the cpu mode only in precision (measured in tests/test_data.py): it computes in float32
     without PIL's rounding to 8 bits after each op (PIL also quantises the hue to 1/255 turn), takes the
     contrast's mean grey level unrounded, and replicates the crop's edge once for the whole blur (`blur`).
     """
+    device = crops[0].device
+    photometric = {k: photometric[k].to(device, non_blocking=True) for k in ("order", "factors", "grayscale", "sigma")}
     views = []
     for v, crop in enumerate(crops):
         x = crop.float().div_(255)
@@ -417,7 +415,7 @@ class SeededViews(Dataset):
         if not (isinstance(key, (tuple, list)) and len(key) == 2):
             raise TypeError(f"SeededViews items are keyed (epoch, index), got {key!r}")
         epoch, index = key
-        sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+        sample_seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2 ** 64  # torch's seed range
         state = random.getstate()
         random.seed(sample_seed)
         with torch.random.fork_rng(devices=[]):
@@ -478,13 +476,14 @@ class JointTrainTransform:
 # ------------------------------------------------------------------------------------------------------------------
 
 def error_message(error):
-    """The message of `error` as its script prints it: one line, whether it was raised here or in a DataLoader
-    worker. A worker's error comes back re-raised with the worker's whole traceback in its message ("Caught
-    ValueError in DataLoader worker process 0. Original Traceback ... ValueError: <message>"); keep the message."""
+    """The message of `error` as its script prints it, without a DataLoader worker's traceback. A worker's error
+    comes back re-raised with the whole traceback in its message ("Caught ValueError in DataLoader worker process
+    0. Original Traceback ... ValueError: <message>"; a RuntimeError when the original type cannot be rebuilt from
+    one string): keep the message after the last line that names the type the worker caught."""
     text = str(error)
-    if text.startswith("Caught ") and "Original Traceback" in text:
-        # the traceback's last entry is "<module.>ExceptionName: <message>", the raised exception's own
-        found = list(re.finditer(rf"(?:^|\n|\.){re.escape(type(error).__name__)}: ", text))
+    caught = re.match(r"Caught (\w+) in DataLoader worker process \d+\.", text)
+    if caught and "Original Traceback" in text:
+        found = list(re.finditer(rf"(?:^|\n|\.){caught[1]}: ", text))  # "<module.>ExceptionName: <message>"
         if found:
             text = text[found[-1].end():]
     return text.strip()

@@ -598,7 +598,7 @@ def to_device(crops, boxes, photometric, augment, device):
     crops = [c.to(device, non_blocking=True) for c in crops]
     boxes = {k: b.to(device, non_blocking=True) for k, b in boxes.items()}
     if augment is not None:
-        crops = augment(crops, {k: p.to(device, non_blocking=True) for k, p in photometric.items()})
+        crops = augment(crops, photometric)
     return crops, boxes
 
 

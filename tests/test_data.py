@@ -375,7 +375,7 @@ def test_device_ops_match_pil_for_fixed_parameters():
     for sigma in (0.1, 0.3, 1.0, 2.0):
         cases.append(("blur", dict(sigma=sigma)))
     photos = sample_photos(3, size=64)
-    images = torch.stack([data.pil_to_uint8(im) for im in photos for _ in cases])
+    images = torch.stack([TF.pil_to_tensor(im) for im in photos for _ in cases])
     got = on_device(images, [params for _ in photos for _, params in cases])
     worst = {}
     for i, (im, (name, params)) in enumerate((im, case) for im in photos for case in cases):
@@ -391,7 +391,7 @@ def test_device_ops_match_pil_for_fixed_parameters():
 
 
 def test_device_stage_identity_shapes_and_no_host_reads():
-    images = torch.stack([data.pil_to_uint8(im) for im in sample_photos(2, size=32)])
+    images = torch.stack([TF.pil_to_tensor(im) for im in sample_photos(2, size=32)])
     plain = on_device(images, [{}, {}])
     torch.testing.assert_close(plain, images.float() / 255, atol=1e-6, rtol=0)  # neutral parameters: identity
     # On the meta device tensors have no values, so any host read (.item(), bool(), data-dependent Python
@@ -411,7 +411,7 @@ def test_device_stage_identity_shapes_and_no_host_reads():
 def test_device_stage_on_cuda_is_the_cpu_code_without_syncs():
     params = [dict(order=[3, 0, 2, 1], factors=[1.7, 0.3, 1.5, 0.18], grayscale=True, sigma=1.3),
               dict(order=[1, 2, 3, 0], factors=[0.4, 1.8, 0.2, -0.15], sigma=0.4), {}]
-    images = torch.stack([data.pil_to_uint8(im) for im in sample_photos(3, size=48)])
+    images = torch.stack([TF.pil_to_tensor(im) for im in sample_photos(3, size=48)])
     want = data.photometric_on_device([images], photometric_batch(params), 2.0)[0]
     crops, photometric = [images.cuda()], {k: v.cuda() for k, v in photometric_batch(params).items()}
     torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
@@ -506,6 +506,8 @@ def test_seeded_views_depend_only_on_the_key():
     assert not same_item(forward[(0, 0)], forward[(1, 0)])  # another epoch, other crops
     with pytest.raises(TypeError, match="epoch, index"):
         views[0]
+    large = [data.SeededViews(views.dataset, seed) for seed in (2_000_000, 2_000_001)]  # keys beyond 2**64 wrap
+    assert not same_item(large[0][(0, 0)], large[1][(0, 0)])
 
 
 class EpochBatches:

@@ -104,6 +104,10 @@ def test_error_message_unwraps_a_worker_traceback():
                         "following exception:\n\nTraceback (most recent call last):\n  File \"y.py\", line 2\n"
                         "test_errors.Chained: the real one\n")
     assert data.error_message(qualified) == "the real one"
+    # an exception type that cannot be rebuilt from one string comes back as a RuntimeError naming the caught type
+    rebuilt = RuntimeError("Caught OSError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                           "last):\n  File \"d.py\", line 5\nOSError: [Errno 5] cannot read b.png\n")
+    assert data.error_message(rebuilt) == "[Errno 5] cannot read b.png"
     assert data.error_message(FileNotFoundError("image x.jpg does not exist")) == "image x.jpg does not exist"
 
 
