@@ -25,17 +25,21 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
 from data import IMAGENET_MEAN, IMAGENET_STD, build_eval_dataset, error_message
-from leopart_core import build_vit, check_input_size, load_backbone
+from leopart_core import ARCHS, build_vit, check_input_size, load_backbone
 
 MATCHINGS = ("none", "hungarian", "many_to_one_precision", "many_to_one_iou")
 IGNORE_INDEX = 255
-# Bound on the elements of one block of the (points x centroids) distance matrix: 2^19 floats = 2 MiB, so k-means
-# over millions of tokens never materialises the full matrix, and on CPU a block stays in cache between the matrix
-# product that writes it and the minima that read it (issue 14: 1.3-1.5x faster than 64 MiB blocks).
-DISTANCE_BLOCK_ELEMENTS = 1 << 19
 # Rows per block of the float64 sums of the standardisation and the PCA: 2^14 x 384 dims x 8 B = 48 MiB, so their
 # temporaries stay small next to the features of a whole split.
 STATS_BLOCK_ROWS = 1 << 14
+
+
+def distance_block_rows(k, device):
+    """Rows of one block of the (points x k centroids) distance matrix on `device`, so k-means over millions of
+    tokens never materialises the full matrix. On the CPU a block holds 2^19 floats (2 MiB), so it stays in cache
+    between the matrix product that writes it and the minima that read it (1.3-1.5x faster than 64 MiB blocks,
+    measured); on a GPU 2^24 (64 MiB), so a Lloyd step is a few large kernels rather than hundreds of launches."""
+    return max(1, (1 << 19 if torch.device(device).type == "cpu" else 1 << 24) // k)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,18 +172,18 @@ def standardizer(x, eps=0.0, chunk_rows=STATS_BLOCK_ROWS, device=None):
     n, dim = x.shape
     total = torch.zeros(dim, dtype=torch.float64, device=device)
     for b in _blocks(n, chunk_rows):
-        total += x[b].to(device, torch.float64).sum(0)
+        total += x[b].to(device).double().sum(0)  # widened on the compute device, not before the copy
     mean = total / n
     sq = torch.zeros(dim, dtype=torch.float64, device=device)
     for b in _blocks(n, chunk_rows):
-        sq += ((x[b].to(device, torch.float64) - mean) ** 2).sum(0)
+        sq += ((x[b].to(device).double() - mean) ** 2).sum(0)
     var = sq / n
     fp64_eps = torch.finfo(torch.float64).eps
     constant = var <= n * fp64_eps * var + (n * mean * fp64_eps) ** 2
     scale = torch.where(constant, torch.ones_like(var), var.sqrt()) + eps
 
     def z(rows):
-        return ((rows.to(device, torch.float64) - mean) / scale).float()
+        return ((rows.to(device).double() - mean) / scale).float()
     return z
 
 
@@ -290,13 +294,13 @@ def _nearest(x, centroids, spherical, chunk_rows, x_sq=None, workspace=None, run
 
 def assign_to_centroids(x, centroids, spherical=False, chunk_rows=None):
     """Nearest centroid of every row of x (faiss `index.search(x, 1)`), in blocks of `chunk_rows` rows; by default
-    blocks of DISTANCE_BLOCK_ELEMENTS distances.
+    blocks of `distance_block_rows` rows.
 
     x (n, d) finite, on any device (streamed to the compute device block by block), centroids (k, d) float32 on the
     compute device. Returns assignments (n,) int64 and distances (n,) float32 on the compute device: squared L2
     distance, or the inner product when spherical (IndexFlatIP). Ties go to the lowest centroid id.
     """
-    chunk_rows = chunk_rows or max(1, DISTANCE_BLOCK_ELEMENTS // centroids.shape[0])
+    chunk_rows = chunk_rows or distance_block_rows(centroids.shape[0], centroids.device)
     assign, dist, _ = _nearest(x, centroids, spherical, chunk_rows)
     return assign, dist
 
@@ -401,7 +405,7 @@ def _lloyd(train, centroids, iterations, spherical, chunk_rows, generator):
         if last:
             break
         # No row moved and no centroid was split now or before: the centroids are the previous ones again and every
-        # later step would repeat this one, so only the last remains (faiss 1.15 also stops a converged run).
+        # later step would repeat this one, so only the last remains.
         last = len(moved) == 0 and split == 0 and was_split == 0
     return centroids, dist.double().sum()
 
@@ -416,7 +420,7 @@ def kmeans(x, k, iterations=100, restarts=5, seed=0, max_points_per_centroid=256
       large one, see `_split_empty_clusters`). The run with the lowest objective is kept (highest when spherical).
     - Spherical: centroids are L2-normalised after every update and assignment is by largest inner product.
     - Finally every row of x is assigned to the kept centroids.
-    Distances are computed in blocks of `chunk_rows` rows (default: DISTANCE_BLOCK_ELEMENTS / k), so memory stays
+    Distances are computed in blocks of `chunk_rows` rows (default: `distance_block_rows`), so memory stays
     bounded for millions of points; the work runs on `device` (default: CUDA when available) with x streamed to it
     block by block. Deterministic for a fixed seed (torch.Generator; on GPU up to floating-point reduction order).
     Returns (centroids (k, d) float32, assignments (n,) int64, objective float) on the compute device; objective
@@ -433,7 +437,7 @@ def kmeans(x, k, iterations=100, restarts=5, seed=0, max_points_per_centroid=256
     if not torch.stack(torch.aminmax(x)).isfinite().all():  # NaN and inf reach the extremes; one vectorised pass
         raise ValueError("kmeans needs finite points, got NaN or infinite values")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    chunk_rows = chunk_rows or max(1, DISTANCE_BLOCK_ELEMENTS // k)
+    chunk_rows = chunk_rows or distance_block_rows(k, device)
 
     if n > k * max_points_per_centroid:
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k * max_points_per_centroid]
@@ -570,8 +574,13 @@ def save_panel(path, image, maps):
     Image.fromarray(panel.astype(np.uint8)).save(path)
 
 
-def maps_folder(maps_dir, beside):
-    """Where --save-maps writes: --maps-dir, else maps/ beside `beside` (the JSON file or output folder)."""
+def maps_folder(save_maps, maps_dir, beside):
+    """Where --save-maps N writes (None for N = 0): --maps-dir, else maps/ beside `beside` (the JSON file's or the
+    output folder). Called before the long work, so a bad argument fails at once."""
+    if save_maps < 0:
+        raise ValueError(f"--save-maps must be >= 0, got {save_maps}")
+    if not save_maps:
+        return None
     if maps_dir:
         return Path(maps_dir)
     if not beside:
@@ -691,8 +700,9 @@ def overcluster(features, masks, num_classes, ks=(100, 300, 500), seeds=range(5)
     features (N, h, w, D) float; masks (N, S, S) integer with 255 = ignore (any S; nearest-downsampled to
     mask_size). pca_dim None or >= D skips the PCA. matching None picks the paper's: Hungarian when K equals
     num_classes, else many-to-one by precision. iterations/restarts default to the protocol's 100/5; train.py's
-    quick monitor may pass fewer, with small ks and seeds. The features are standardised block by block inside the
-    PCA (`standardizer`), so the only copy besides them is the (N*h*w, pca_dim) projection.
+    quick monitor may pass fewer, with small ks and seeds. With the PCA the features are standardised block by
+    block inside it (`standardizer`), so the only copy besides them is the (N*h*w, pca_dim) projection; without
+    it, the one copy is the standardised features.
     Returns {K: {"miou": [per seed], "mean", "std" (ddof 0), "iou_per_class": [per seed, per class],
     "objective": [per seed], "matching"}}; with keep_maps > 0 also, from each K's first seed, "maps": the cluster
     maps (keep_maps, mask_size, mask_size) int64 of the first images and "match": (K,) the class each cluster was
@@ -745,8 +755,8 @@ def add_backbone_and_data_args(parser):
                              "backbones, DINO full checkpoints, the released Leopart .ckpt, Lightning and this "
                              "project's training checkpoints; SPEC 9). 'none' or absent: random init of --arch")
     parser.add_argument("--arch", default=None,
-                        help="vit_tiny, vit_small, vit_base, dinov2_vits14, dinov2_vitb14; inferred from the "
-                             "checkpoint when omitted, required for a random init")
+                        help=f"{', '.join(ARCHS)}; inferred from the checkpoint when omitted, required for a random "
+                             "init")
     parser.add_argument("--patch-size", type=int, default=None,
                         help="patch size of a DINO --arch (default 16; the paper's ViT-B/8 needs 8)")
     parser.add_argument("--init-seed", type=int, default=0, help="torch seed of a random-init backbone")
@@ -766,8 +776,8 @@ def add_backbone_and_data_args(parser):
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="backbone arithmetic: fp32 (default) so that a published number does not depend on the "
-                             "GPU's autocast; bf16 runs the backbone under bfloat16 autocast, faster on a GPU but "
-                             "not bit-comparable")
+                             "GPU's autocast (TF32 at torch's defaults); bf16 runs the backbone under bfloat16 "
+                             "autocast, faster on a GPU but not bit-comparable")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress lines (images/s, k-means runs, epochs, each with an ETA) on stderr; they "
                              "are redrawn in place on a terminal and written one per 10 s to a log")
@@ -892,10 +902,7 @@ def main(args):
         return benchmark_kmeans(resolve_device(args.device))
     device = resolve_device(args.device)
     progress = None if args.quiet else sys.stderr
-    if args.save_maps < 0:
-        raise ValueError(f"--save-maps must be >= 0, got {args.save_maps}")
-    if args.save_maps:  # checked before the long work, like every argument
-        maps_dir = maps_folder(args.maps_dir, Path(args.output_json).parent if args.output_json else None)
+    maps_dir = maps_folder(args.save_maps, args.maps_dir, Path(args.output_json).parent if args.output_json else None)
     backbone, description = build_frozen_backbone(args.pretrained, args.arch, args.patch_size, device,
                                                   args.init_seed)
     check_input_size(args.input_size, backbone.patch_size, "--input-size")

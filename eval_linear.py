@@ -284,10 +284,7 @@ def main(args):
     """Train (unless --head) and evaluate a probe head; returns the JSON-ready result dict."""
     device = resolve_device(args.device)
     progress = None if args.quiet else sys.stderr
-    if args.save_maps < 0:
-        raise ValueError(f"--save-maps must be >= 0, got {args.save_maps}")
-    if args.save_maps:  # checked before the long work, like every argument
-        maps_dir = maps_folder(args.maps_dir, args.output_dir)
+    maps_dir = maps_folder(args.save_maps, args.maps_dir, args.output_dir)
     head_state = None
     if args.head:
         head_state, file_type = read_head_state(args.head)
