@@ -369,22 +369,25 @@ def blur(x, sigma, max_sigma):
     return y.view(batch, channels, height, width)
 
 
+# The parameters photometric_on_device reads, so the training loop copies only these to the device (the record's
+# jitter and blur flags only document the draws: neutral factors and sigma 0 are the identity).
+DEVICE_PHOTOMETRIC_KEYS = ("order", "factors", "grayscale", "sigma")
+
+
 def photometric_on_device(crops, photometric, max_sigma):
     """The device mode's photometric augmentation (SPEC 1.2) and ImageNet normalisation of a batch, on the device
     the tensors are on, one batched pass per crop index with per-image parameters and no host syncs.
 
     crops: V uint8 tensors (B, 3, s, s); photometric: `multicrop_collate`'s dict of (B, V, ...) tensors, of which
-    the four the ops read are copied to the crops' device (asynchronously from pinned memory); max_sigma: the
-    transform's largest blur sigma (`MultiCropTransform.blur_sigma[1]`), which fixes the kernel size. Returns V
-    float32 tensors (B, 3, s, s), ready for the model.
+    the DEVICE_PHOTOMETRIC_KEYS are read, on the crops' device; max_sigma: the transform's largest blur sigma
+    (`MultiCropTransform.blur_sigma[1]`), which fixes the kernel size. Returns V float32 tensors (B, 3, s, s), ready
+    for the model.
 
     The ops are PIL's (ImageEnhance blends, HSV hexcone hue, ITU-R 601-2 grey, its three-box Gaussian blur), so
     it departs from the cpu mode only in precision (measured in tests/test_data.py): it computes in float32
     without PIL's rounding to 8 bits after each op (PIL also quantises the hue to 1/255 turn), takes the
     contrast's mean grey level unrounded, and replicates the crop's edge once for the whole blur (`blur`).
     """
-    device = crops[0].device
-    photometric = {k: photometric[k].to(device, non_blocking=True) for k in ("order", "factors", "grayscale", "sigma")}
     views = []
     for v, crop in enumerate(crops):
         x = crop.float().div_(255)

@@ -598,7 +598,7 @@ def to_device(crops, boxes, photometric, augment, device):
     crops = [c.to(device, non_blocking=True) for c in crops]
     boxes = {k: b.to(device, non_blocking=True) for k, b in boxes.items()}
     if augment is not None:
-        crops = augment(crops, photometric)
+        crops = augment(crops, {k: photometric[k].to(device, non_blocking=True) for k in data.DEVICE_PHOTOMETRIC_KEYS})
     return crops, boxes
 
 

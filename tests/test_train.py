@@ -382,15 +382,16 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert f"after step {checkpoint['step']} " in results[0][2] and "SIGUSR1" in results[1][2]
 
 
-@pytest.mark.parametrize("augment_on", ["cpu", "device"])
-def test_a_training_step_has_no_host_sync(augment_on):
+@pytest.mark.parametrize("augment_on,bf16", [("cpu", False), ("device", False), ("device", True)])
+def test_a_training_step_has_no_host_sync(augment_on, bf16):
     """train.py's step as the loop runs it (batch to the device, device augmentation, loss, backward, EMA, fused
-    AdamW) with the queue full and the foreground mask on: no host sync outside logging steps."""
+    AdamW, in fp32 or under bf16 autocast) with the queue full and the foreground mask on: no host sync outside
+    logging steps."""
     from test_sync import count_host_syncs
     args = train.get_args_parser().parse_args(TINY + ["--batch-size", "4", "--queue-length", "16",
                                                       "--augment-on", augment_on])
     train.resolve_defaults(args)
-    args.bf16 = False
+    args.bf16 = bf16
     ranks = train.setup_ranks(args, environ={})
     leopart = train.build_model(args, ranks.device)
     dataset, args.iters_per_epoch, augment, _ = train.build_data(args, ranks)
@@ -400,10 +401,11 @@ def test_a_training_step_has_no_host_sync(augment_on):
     batches = [data.multicrop_collate([dataset[(0, i)] for i in range(4 * s, 4 * s + 4)]) for s in range(2)]
     crops, boxes = train.to_device(*batches[0][:3], augment, ranks.device)
     train.train_step(model, leopart, crops, boxes, optimizer, schedule, 0, health)  # fills the queue
-    assert leopart.queue_full and leopart.loss_mask == "fg"
+    assert leopart.queue_full and leopart.queue[:, -1].any(dim=1).all() and leopart.loss_mask == "fg"
     crops, boxes, photometric = batches[1][:3]  # on CUDA, asynchronous copies from pinned memory, not counted here
     with count_host_syncs() as syncs:  # (on the CPU, where .to(device) would look like a copy to the host)
         if augment is not None:
             crops = augment(crops, photometric)
-        train.train_step(model, leopart, crops, boxes, optimizer, schedule, 1, health)
+        loss = train.train_step(model, leopart, crops, boxes, optimizer, schedule, 1, health)
     assert syncs.count == 0, syncs.report()
+    assert torch.isfinite(loss)
