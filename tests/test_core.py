@@ -263,7 +263,8 @@ def _distributed_sinkhorn_worker(rank, init_file, rows, stacked_rows, out_file):
         dist.all_reduce = all_reduce
     torch.save(dict(single=single, stacked=stacked, single_calls=single_calls,
                     stacked_calls=calls[len(single_calls):]), f"{out_file}.{rank}")
-    dist.destroy_process_group()
+    # no destroy_process_group: on torch 2.5 it can hang right after a gloo collective (half the runs here); the
+    # process ends now anyway
 
 
 def test_distributed_sinkhorn_equals_single_process(tmp_path):
